@@ -1,0 +1,3 @@
+"""flover: temporal fusion for autoregressive inference."""
+
+__version__ = "0.1.0"

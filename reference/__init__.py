@@ -1,0 +1,18 @@
+"""GPT-2 in readable NumPy: the ground truth and the default backend of flover."""
+
+from reference.backend import Backend, NumpyBackend
+from reference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from reference.config import PRESETS, GPTConfig, preset
+from reference.generate import check_request, generate, load_model
+from reference.kv import KVSlots
+from reference.model import decode, forward, prefill
+from reference.sampling import Sampler, SamplingParams
+from reference.tokenizer import ByteTokenizer, load_tokenizer
+from reference.weights import GPT2Weights, init_weights
+
+__all__ = [
+    "Backend", "ByteTokenizer", "CheckpointError", "GPT2Weights", "GPTConfig", "KVSlots",
+    "NumpyBackend", "PRESETS", "Sampler", "SamplingParams", "check_request", "decode",
+    "forward", "generate", "init_weights", "load_checkpoint", "load_model", "load_tokenizer",
+    "preset", "prefill", "save_checkpoint",
+]  # fmt: skip
