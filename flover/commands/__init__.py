@@ -1,0 +1,1 @@
+"""One module per ``flover`` subcommand: ``add_parser`` and the function it runs."""
