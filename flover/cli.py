@@ -25,11 +25,11 @@ def int_list(text: str) -> list[int]:
 
 
 def build_parser() -> Parser:
-    from flover.commands import generate
+    from flover.commands import bench, demo, generate, sweep, trace
 
     parser = Parser(prog="flover", description="Temporal fusion for autoregressive inference.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for module in (generate,):
+    for module in (generate, trace, bench, sweep, demo):
         module.add_parser(sub)
     return parser
 

@@ -10,7 +10,8 @@ the window.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,16 +40,19 @@ class EngineStats:
 
 
 class FusionEngine:
-    """The fused policy over one backend with ``backend.n_slots`` KV slots."""
+    """The fused policy over the first ``capacity`` KV slots of a backend (all of them by default)."""
 
     def __init__(self, backend: Backend, clock=None, shuffle: bool = True, keep_logits: bool = False,
-                 on_finish: Callable[[RequestResult], None] | None = None) -> None:  # fmt: skip
+                 on_finish: Callable[[RequestResult], None] | None = None, capacity: int | None = None) -> None:  # fmt: skip
+        capacity = backend.n_slots if capacity is None else capacity
+        if not 1 <= capacity <= backend.n_slots:
+            raise ValueError(f"slots must be between 1 and the backend's {backend.n_slots}, got {capacity}")
         self.backend = backend
         self.clock = clock or WallClock()
         self.shuffle = shuffle
         self.keep_logits = keep_logits
         self.on_finish = on_finish
-        self.slots: list[Sequence | None] = [None] * backend.n_slots
+        self.slots: list[Sequence | None] = [None] * capacity
         self.stats = EngineStats()
 
     @property

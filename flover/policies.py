@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 
 import numpy as np
 

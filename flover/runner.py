@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from flover.clock import WallClock
 from flover.engine import EngineStats, FusionEngine
 from flover.metrics import summarize
@@ -76,6 +78,15 @@ def check_trace(config: GPTConfig, requests: Sequence[Request]) -> None:
             raise ValueError(f"request {r.id!r}: {error}") from None
 
 
+def warm_up(backend: Backend, config: GPTConfig) -> None:
+    """Compile and page in everything a run touches, so no policy pays for it."""
+    tokens = np.arange(4) % config.vocab_size
+    for slot in range(min(backend.n_slots, 2)):
+        backend.prefill(slot, tokens)
+    for n in sorted({1, min(backend.n_slots, 2)}):
+        backend.decode(np.arange(n), tokens[:n], np.full(n, 4))
+
+
 def run_policy(pc: PolicyConfig, make_backend: BackendFactory, requests: Sequence[Request], clock=None,
                keep_logits: bool = False, on_finish=None, backend: Backend | None = None) -> RunResult:  # fmt: skip
     """Serve ``requests`` under one policy. ``backend`` may be reused between policies
@@ -90,9 +101,7 @@ def run_policy(pc: PolicyConfig, make_backend: BackendFactory, requests: Sequenc
         if backend is None or backend.n_slots < pc.slots_needed:
             backend = make_backend(pc.slots_needed)
         if pc.policy == "fused":
-            if backend.n_slots != pc.slots:
-                backend = make_backend(pc.slots)
-            engine = FusionEngine(backend, shuffle=pc.shuffle, **kwargs)
+            engine = FusionEngine(backend, shuffle=pc.shuffle, capacity=pc.slots, **kwargs)
             results = engine.run(requests)
             stats = engine.stats
         elif pc.policy == "serial":

@@ -57,7 +57,7 @@ def request_from_record(record: dict) -> Request:
     request = Request(record["id"], float(arrival), tuple(prompt), new,
                       float(record.get("temperature", 0.0)), record.get("top_k", 0),
                       float(record.get("top_p", 1.0)), record.get("seed", 0), tuple(stops))  # fmt: skip
-    request.sampling  # validates temperature, top_k, top_p, seed
+    _ = request.sampling  # validates temperature, top_k, top_p, seed
     return request
 
 

@@ -42,7 +42,8 @@ def test_checkpoint_directory_as_model(capsys, tmp_path, small_model):
     "argv, message",
     [
         (["--model", "gpt3", "--prompt", "x"], "model 'gpt3' is neither a preset"),
-        (["--model", "tiny", "--prompt", "x" * 300], "prompt of 300 tokens + max_new_tokens 64 = 364 exceeds the context n_ctx 256"),
+        (["--model", "tiny", "--prompt", "x" * 300],
+         "prompt of 300 tokens + max_new_tokens 64 = 364 exceeds the context n_ctx 256"),
         (["--model", "tiny", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens must be >= 1, got 0"),
         (["--model", "tiny", "--prompt-ids", "1,256"], "token id 256 is outside the vocabulary 0..255"),
         (["--model", "tiny", "--prompt", "x", "--temperature", "-1"], "temperature must be >= 0, got -1.0"),

@@ -8,7 +8,7 @@ import sys
 from flover.cli import int_list
 from flover.commands.common import add_model_flags
 from flover.launch import open_backend
-from flover.models import resolve
+from flover.loading import resolve
 from reference import SamplingParams, check_request, generate
 
 

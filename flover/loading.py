@@ -1,4 +1,4 @@
-"""Where the shipped model lives, and how a --model argument becomes weights and a tokenizer."""
+"""How a --model argument becomes a config, weights and a tokenizer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from reference import GPT2Weights, GPTConfig, load_model, load_tokenizer
 
-SHIPPED_MODEL = Path(__file__).parent / "models" / "tiny-py"
+SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "tiny-py"
 
 
 def default_model() -> str:

@@ -1,0 +1,78 @@
+"""``flover bench``: serve one trace under one policy, or all four side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from flover import plots
+from flover.backends import make_backend
+from flover.commands.common import add_model_flags, add_policy_flags, add_trace_flags, make_trace, policy_config
+from flover.launch import open_backend
+from flover.loading import resolve
+from flover.report import table
+from flover.runner import POLICIES, check_trace, run_policy, warm_up
+from flover.trace import read_trace
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="serve a trace under a policy and report latency and throughput")
+    add_model_flags(p)
+    p.add_argument("--policy", default="fused", help=f"{', '.join(POLICIES)}, or all")
+    add_policy_flags(p)
+    p.add_argument("--trace", help="a JSON Lines trace (else one is generated from the trace flags)")
+    add_trace_flags(p)
+    p.add_argument("--json", dest="json_out", help="write the runs as JSON to this file")
+    p.add_argument("--plot", help="write timeline and latency PNGs into this directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def policies_of(args) -> list:
+    names = list(POLICIES) if args.policy == "all" else [args.policy]
+    configs = [policy_config(args, name) for name in names]
+    if args.policy == "all" and not args.no_shuffle:
+        configs.insert(1, policy_config(args, "fused").__class__(**{**_fields(configs[0]), "shuffle": False}))
+    return configs
+
+
+def _fields(pc) -> dict:
+    return {name: getattr(pc, name) for name in pc.__slots__}
+
+
+def run(args) -> int:
+    config, weights, _ = resolve(args.model, args.weights_seed)
+    requests = read_trace(args.trace) if args.trace else make_trace(args, config)
+    check_trace(config, requests)
+    configs = policies_of(args)
+    if args.tp and any(pc.policy == "instances" for pc in configs):
+        raise ValueError("the instances policy runs N model copies; it cannot run under --tp (one sharded model)")
+    n_slots = max(pc.slots_needed for pc in configs)
+    with open_backend(args.backend, config, weights, n_slots, tp=args.tp) as backend:
+        if backend is None:  # a worker rank of a tensor-parallel job
+            return 0
+        factory = lambda n: make_backend(args.backend, config, weights, n)  # noqa: E731
+        warm_up(backend, config)
+        runs = []
+        for pc in configs:
+            with tqdm(total=len(requests), desc=pc.label, unit="req", disable=True if args.quiet else None, leave=False) as bar:
+                runs.append(run_policy(pc, factory, requests, on_finish=lambda _: bar.update(), backend=backend))
+        print(table(runs))
+        comm = getattr(backend, "comm_report", None)
+        if comm is not None:
+            print(comm())
+    extra = {"model": args.model or "default", "backend": args.backend, "tp": args.tp, "requests": len(requests)}
+    if args.json_out:
+        records = [run.as_json(extra) for run in runs]
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(records[0] if len(records) == 1 else records, indent=1) + "\n")
+        print(f"wrote {args.json_out}")
+    if args.plot:
+        out = Path(args.plot)
+        out.mkdir(parents=True, exist_ok=True)
+        written = [plots.timeline(run, out / f"timeline_{i}_{run.config.policy}.png") for i, run in enumerate(runs)]
+        written.append(plots.latency_cdfs(runs, out / "latency_cdf.png"))
+        print("plots: " + ", ".join(str(p) for p in written))
+    return 0
