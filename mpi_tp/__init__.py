@@ -1,0 +1,43 @@
+"""Tensor parallelism over MPI: GPT-2 sharded Megatron-style over the ranks of ``mpiexec``.
+
+    mpiexec -n 2 python -m mpi4py my_script.py       # every rank runs the script
+
+    from mpi_tp import launch
+    backend = launch(config, weights, n_slots)       # ranks 1..N-1 serve inside this call
+    if backend is not None:                          # rank 0: an ordinary Backend
+        ...engine or reference.generate(backend, ...)...
+        backend.close()
+
+Files: ``shard.py`` (which rows and columns each rank keeps), ``comm.py`` (the
+broadcasts, the reduction after each RowParallelLinear, the gather of logits),
+``model.py`` (one rank's forward), ``backend.py`` (rank 0's Backend and the
+other ranks' loop).
+
+Embedding and LM head: vocabulary-parallel (the default). GPT-2's tied
+[V, C] table is the largest single weight: 14% of gpt2-medium's bytes (50257 x
+1024 of 355M parameters), 31% of gpt2's. A decode step at small batch reads
+every weight once, so its time follows the bytes a rank reads; replicated, the
+LM head stays whole on rank 0 and caps two ranks at 1/(0.86/2 + 0.14) = 1.75x
+before any communication, whereas split by vocabulary rows it costs one gather
+of [B, V/N] logits to rank 0 and one [B, C] reduction for the embedding
+lookup, both small. Measured with ``benchmarks/tp_scaling.py`` (see
+``benchmarks/RESULTS.md``): TODO.
+
+The ``inner`` argument of ``launch`` picks the math on each rank: ``numpy``
+(``mpi_tp.model.NumpyShard``: NumPy prefill, the batch-invariant Numba CPU
+kernels for decode) or ``numba`` (one GPU per rank, rank r on GPU r mod the
+GPU count), which needs ``numba_kernels.TPShard``, a class with the
+constructor and methods of ``mpi_tp.model.Shard``: it receives a
+``ShardWeights`` on the host, keeps it and its KV slots on its GPU, and hands
+[n, C] host arrays to ``comm.reduce_sum`` after each RowParallelLinear.
+"""
+
+from mpi_tp.backend import TPBackend, install_abort_hook, launch, serve
+from mpi_tp.comm import TPComm
+from mpi_tp.model import NumpyShard, Shard
+from mpi_tp.shard import ColumnParallelLinear, RowParallelLinear, ShardWeights, check_world, shard_weights, vocab_bounds
+
+__all__ = [
+    "ColumnParallelLinear", "NumpyShard", "RowParallelLinear", "Shard", "ShardWeights", "TPBackend", "TPComm",
+    "check_world", "install_abort_hook", "launch", "serve", "shard_weights", "vocab_bounds",
+]  # fmt: skip
