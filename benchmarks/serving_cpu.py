@@ -1,0 +1,141 @@
+"""Serving on the CPU: the four policies on one Poisson trace of the gpt2 shape.
+
+    python benchmarks/serving_cpu.py                 # the full run written to RESULTS.md
+    python benchmarks/serving_cpu.py --quick         # a smoke run on the tiny preset
+
+Per rate: fused (with and without the memory shuffle), serial, dynamic
+batching at several windows and concurrent instances at 2 and 4, all on the
+same trace in wall-clock time. Fused and dynamic run the batch-invariant
+kernels; serial and instances run whichever path is faster at batch 1
+(measured here first), so no ratio is flattered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.results_file import machine, today, write_section  # noqa: E402
+from flover.backends import make_backend  # noqa: E402
+from flover.runner import PolicyConfig, check_trace, run_policy, warm_up  # noqa: E402
+from flover.trace import poisson_trace  # noqa: E402
+from reference import init_weights, preset  # noqa: E402
+
+
+def step_ms(backend, batch: int, position: int = 64, repeats: int = 5) -> float:
+    slots, tokens, positions = np.arange(batch), np.zeros(batch, np.int64), np.full(batch, position)
+    backend.decode(slots, tokens, positions)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        backend.decode(slots, tokens, positions)
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt2")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt-len", default="16:64")
+    p.add_argument("--output-len", default="32:128")
+    p.add_argument("--rates", default="1,4,64", help="low, middle and saturating arrival rates (requests/s)")
+    p.add_argument("--slots", type=int, default=32)
+    p.add_argument("--windows-ms", default="50,200,1000")
+    p.add_argument("--instances", default="2,4")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny preset, 12 requests: checks the script runs")
+    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = p.parse_args()
+    if args.quick:
+        args.model, args.requests, args.prompt_len, args.output_len, args.rates = "tiny", 12, "4:8", "4:12", "200"
+        args.slots, args.windows_ms, args.instances, args.no_write = 4, "20", "2", True
+
+    config = preset(args.model)
+    weights = init_weights(config, seed=0)
+    fast = {name: make_backend(name, config, weights, 1) for name in ("numpy", "numpy-blas")}
+    for b in fast.values():
+        warm_up(b, config)
+    solo = {name: step_ms(b, 1) for name, b in fast.items()}
+    baseline = min(solo, key=solo.get)
+    print(f"batch-1 decode step: invariant {solo['numpy']:.1f} ms, BLAS {solo['numpy-blas']:.1f} ms -> "
+          f"serial and instances use {baseline}")  # fmt: skip
+    del fast
+
+    fused_backend = make_backend("numpy", config, weights, args.slots)
+    warm_up(fused_backend, config)
+    serial_backend = make_backend(baseline, config, weights, 1)
+    warm_up(serial_backend, config)
+    invariant = lambda n: make_backend("numpy", config, weights, n)  # noqa: E731
+    solo_factory = lambda n: make_backend(baseline, config, weights, n)  # noqa: E731
+
+    plans = [(PolicyConfig("fused", slots=args.slots), invariant, fused_backend),
+             (PolicyConfig("fused", slots=args.slots, shuffle=False), invariant, fused_backend),
+             (PolicyConfig("serial"), solo_factory, serial_backend)]  # fmt: skip
+    plans += [(PolicyConfig("dynamic", max_batch=args.slots, window_s=float(w) / 1e3), invariant, fused_backend)
+              for w in args.windows_ms.split(",")]  # fmt: skip
+    plans += [(PolicyConfig("instances", instances=int(n)), solo_factory, None) for n in args.instances.split(",")]
+
+    lengths = [tuple(int(v) for v in text.split(":")) for text in (args.prompt_len, args.output_len)]
+    sections = []
+    for rate in [float(r) for r in args.rates.split(",")]:
+        trace = poisson_trace(rate, args.requests, lengths[0], lengths[1], seed=args.seed, vocab_size=config.vocab_size)
+        check_trace(config, trace)
+        runs = []
+        for pc, factory, backend in plans:
+            with tqdm(total=len(trace), desc=f"rate {rate:g}: {pc.label}", unit="req", leave=False) as bar:
+                runs.append(run_policy(pc, factory, trace, on_finish=lambda _: bar.update(), backend=backend))
+        tokens = {r.id: r.tokens for r in runs[0].results}
+        same = [run.config.label for run in runs if {r.id: r.tokens for r in run.results} == tokens]
+        sections.append(report(rate, runs, same))
+        print(sections[-1], flush=True)
+
+    body = "\n\n".join(sections)
+    header = (f"## Serving on the CPU ({args.model} shape, {args.requests} Poisson requests)\n\n"
+              f"Command: `python benchmarks/serving_cpu.py` (prompts {args.prompt_len}, outputs {args.output_len} "
+              f"tokens, fused with {args.slots} slots). Machine: {machine()}. Date: {today()}.\n\n"
+              f"Batch-1 decode step measured first: invariant kernels {solo['numpy']:.1f} ms, BLAS "
+              f"{solo['numpy-blas']:.1f} ms, so serial and instances ran on `{baseline}`.\n\n")  # fmt: skip
+    if not args.no_write:
+        write_section("serving_cpu", header + body)
+        print("wrote benchmarks/RESULTS.md")
+
+
+def report(rate: float, runs, same: list[str]) -> str:
+    by = {run.config.label: run for run in runs}
+    fused, unshuffled = runs[0], runs[1]
+    dynamic = min((r for r in runs if r.config.policy == "dynamic"), key=lambda r: r.metrics["latency_s"]["mean"])
+    instances = min((r for r in runs if r.config.policy == "instances"), key=lambda r: r.metrics["latency_s"]["mean"])
+    serial = by["serial"]
+    lines = [f"### {rate:g} requests/s", "",
+             "| policy | tok/s | mean latency (s) | p99 latency (s) | mean TTFT (s) | mean batch |",
+             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for run in runs:
+        m = run.metrics
+        best = " (best)" if run in (dynamic, instances) else ""
+        lines.append(f"| {run.config.label}{best} | {m['throughput_tok_s']:.1f} | {m['latency_s']['mean']:.2f} | "
+                     f"{m['latency_s']['p99']:.2f} | {m['ttft_s']['mean']:.2f} | {m['mean_batch']:.1f} |")  # fmt: skip
+    f = fused.metrics
+    lines += ["",
+              f"- fused throughput / serial: **{f['throughput_tok_s'] / serial.metrics['throughput_tok_s']:.2f}x**",
+              f"- best dynamic mean latency / fused: **{dynamic.metrics['latency_s']['mean'] / f['latency_s']['mean']:.2f}x**"
+              f" ({dynamic.config.label})",
+              f"- best instances mean latency / fused: **{instances.metrics['latency_s']['mean'] / f['latency_s']['mean']:.2f}x**"
+              f" ({instances.config.label})",
+              f"- memory shuffle: throughput {f['throughput_tok_s'] / unshuffled.metrics['throughput_tok_s']:.2f}x, "
+              f"mean latency {unshuffled.metrics['latency_s']['mean'] / f['latency_s']['mean']:.2f}x lower than without "
+              f"({fused.stats.moves} slot moves)",
+              f"- token-identical to fused: {len(same)} of {len(runs)} runs"
+              + ("" if len(same) == len(runs) else f" (differ: {', '.join(set(by) - set(same))})")]  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
