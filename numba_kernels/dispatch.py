@@ -1,0 +1,86 @@
+"""GEMM dispatch: which variant, with which tiles, for a shape (M, N, K).
+
+The table is ``tuning.json`` beside this file, written on a GPU by
+``python -m numba_kernels.tune`` and keyed by device name::
+
+    {"NVIDIA H100 80GB HBM3": {"1x2304x768": {"kernel": "gemv", "params": [128, 1]}, ...}}
+
+Lookup for (M, N, K): the entry for exactly that shape; else, for the same
+(N, K), the entry with the largest tuned M not above M (batch sizes between
+two tuned ones take the smaller one's choice); else the default rule:
+
+    M <= 8  ->  gemv, ROWS = M rounded up to a power of two, threads = N rounded
+                up to a power of two, 32 to 128
+    M >  8  ->  tiled, 64 x 64 tiles, BK = 8, 4 x 4 outputs per thread
+
+Every variant gives bitwise the same result (see ``gemm.py``), so the table
+decides speed only, never a number.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from numba_kernels.device import device_name
+from numba_kernels.gemm import Variant, launch
+from numba_kernels.grid import block_threads
+
+TABLE_PATH = Path(__file__).with_name("tuning.json")
+GEMV_MAX_ROWS = 8
+DEFAULT_TILE = (64, 64, 8, 4, 4)
+
+
+def shape_key(m: int, n: int, k: int) -> str:
+    return f"{m}x{n}x{k}"
+
+
+def default_variant(m: int, n: int, k: int) -> Variant:
+    if m <= GEMV_MAX_ROWS:
+        rows = 1
+        while rows < m:
+            rows *= 2
+        return Variant("gemv", (block_threads(n, 128), rows))
+    return Variant("tiled", DEFAULT_TILE)
+
+
+def load_table(device: str | None = None, path: Path = TABLE_PATH) -> dict[str, Variant]:
+    """This device's entries of the table at ``path``; empty when there are none."""
+    if not Path(path).exists():
+        return {}
+    entries = json.loads(Path(path).read_text()).get(device or device_name(), {})
+    return {key: Variant(e["kernel"], tuple(e["params"])) for key, e in entries.items()}
+
+
+def save_table(table: dict[str, Variant], device: str, path: Path = TABLE_PATH) -> None:
+    """Write this device's entries into the table at ``path``, keeping other devices'."""
+    path = Path(path)
+    everything = json.loads(path.read_text()) if path.exists() else {}
+    everything[device] = {key: {"kernel": v.kernel, "params": list(v.params)} for key, v in sorted(table.items())}
+    path.write_text(json.dumps(everything, indent=1, sort_keys=True) + "\n")
+
+
+class Dispatch:
+    """Picks a variant per shape from a table and launches it."""
+
+    def __init__(self, table: dict[str, Variant] | None = None) -> None:
+        self.table = load_table() if table is None else table
+        self._tuned_m: dict[tuple[int, int], list[int]] = {}
+        for key in self.table:
+            m, n, k = (int(s) for s in key.split("x"))
+            self._tuned_m.setdefault((n, k), []).append(m)
+        self._memo: dict[tuple[int, int, int], Variant] = {}
+
+    def choose(self, m: int, n: int, k: int) -> Variant:
+        if (m, n, k) not in self._memo:
+            below = [tm for tm in self._tuned_m.get((n, k), []) if tm <= m]
+            if below:
+                self._memo[m, n, k] = self.table[shape_key(max(below), n, k)]
+            else:
+                self._memo[m, n, k] = default_variant(m, n, k)
+        return self._memo[m, n, k]
+
+    def gemm(self, x, w, b, out, stream=0):
+        """out[M, N] = x[M, K] @ w[K, N] + b[N]; -> out."""
+        launch(self.choose(x.shape[0], w.shape[1], x.shape[1]), x, w, b, out, stream)
+        return out

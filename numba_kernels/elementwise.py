@@ -1,0 +1,107 @@
+"""The small ops of a decode step, so activations stay on the device from embedding to logits.
+
+Kernels, one version each:
+
+- ``embed_kernel``: x[r] = wte[token[r]] + wpe[position[r]]; one thread per element.
+- ``layer_norm_kernel``: one block per row; mean, then the mean of squared
+  deviations, each a fixed-order block reduction (``reduce.py``).
+- ``gelu_kernel``: GPT-2's tanh GELU ("gelu_new"); one thread per element.
+- ``residual_add_kernel``: x += y. The biases of the linear layers are added
+  in the GEMM epilogue (``gemm.py``), where they cost one read per output.
+
+Row r of an output reads row r of the inputs only, so none of these can mix
+requests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float32
+
+from numba_kernels.grid import block_threads, cdiv
+from numba_kernels.reduce import MAX_THREADS, block_sum, reduce_threads
+
+THREADS = 128
+GELU_C = np.float32(math.sqrt(2.0 / math.pi))
+
+
+@cuda.jit
+def embed_kernel(tokens, positions, wte, wpe, out):  # pragma: no cover - kernel
+    """tokens, positions [B]; wte [V, C], wpe [n_ctx, C] -> out [B, C]; grid (ceil(C / threads), B)."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    r = cuda.blockIdx.y
+    if i < out.shape[1]:
+        out[r, i] = wte[tokens[r], i] + wpe[positions[r], i]
+
+
+@cuda.jit
+def layer_norm_kernel(x, g, b, eps, out):  # pragma: no cover - kernel
+    """[B, C] -> [B, C], gain g and bias b [C]; one block per row."""
+    r, tid, nt = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    c = x.shape[1]
+    part = cuda.shared.array(MAX_THREADS, float32)
+    total = float32(0.0)
+    for i in range(tid, c, nt):
+        total += x[r, i]
+    mean = block_sum(part, total) / float32(c)
+    total = float32(0.0)
+    for i in range(tid, c, nt):
+        d = x[r, i] - mean
+        total = cuda.fma(d, d, total)
+    inv = float32(1.0) / math.sqrt(block_sum(part, total) / float32(c) + float32(eps))
+    for i in range(tid, c, nt):
+        out[r, i] = g[i] * ((x[r, i] - mean) * inv) + b[i]
+
+
+@cuda.jit
+def gelu_kernel(x, out):  # pragma: no cover - kernel
+    """[B, N] -> [B, N]; grid (ceil(N / threads), B). ``out`` may be ``x``."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    r = cuda.blockIdx.y
+    if i < x.shape[1]:
+        v = x[r, i]
+        out[r, i] = float32(0.5) * v * (float32(1.0) + math.tanh(GELU_C * (v + float32(0.044715) * v * v * v)))
+
+
+@cuda.jit
+def residual_add_kernel(x, y):  # pragma: no cover - kernel
+    """x [B, C] += y [B, C]; grid (ceil(C / threads), B)."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    r = cuda.blockIdx.y
+    if i < x.shape[1]:
+        x[r, i] += y[r, i]
+
+
+def rows_grid(x) -> tuple[tuple[int, int], int]:
+    """Grid and block for one thread per element of x [B, N]: blocks along N, one grid row per row of x."""
+    threads = block_threads(x.shape[1], THREADS)
+    return (cdiv(x.shape[1], threads), x.shape[0]), threads
+
+
+def embed(tokens, positions, wte, wpe, out, stream=0):
+    if out.shape[0]:
+        grid, threads = rows_grid(out)
+        embed_kernel[grid, threads, stream](tokens, positions, wte, wpe, out)
+    return out
+
+
+def layer_norm(x, g, b, eps: float, out, stream=0):
+    if x.shape[0]:
+        layer_norm_kernel[x.shape[0], reduce_threads(x.shape[1]), stream](x, g, b, np.float32(eps), out)
+    return out
+
+
+def gelu(x, out, stream=0):
+    if x.shape[0]:
+        grid, threads = rows_grid(x)
+        gelu_kernel[grid, threads, stream](x, out)
+    return out
+
+
+def residual_add(x, y, stream=0):
+    if x.shape[0]:
+        grid, threads = rows_grid(x)
+        residual_add_kernel[grid, threads, stream](x, y)
+    return x
