@@ -1,0 +1,181 @@
+"""Tensor-parallel scaling on CPU ranks: decode step time and throughput for 1 and 2 ranks.
+
+    python benchmarks/tp_scaling.py                  # gpt2-medium, written to RESULTS.md
+    python benchmarks/tp_scaling.py --quick          # tiny preset: checks the script runs
+
+Each variant is one ``mpiexec -n N python -m mpi4py`` job of this script in
+``--job`` mode, one BLAS and one Numba thread per rank. Variants run in
+rounds, 1 rank then 2 ranks then ..., so that a noisy neighbour slows them
+alike; each figure is the best round's median step. A step decodes B requests
+at position ``--position`` (its cost does not depend on what the KV slots
+hold); throughput is B / step time.
+
+Two views of the communication: "time in MPI" is the share of the step rank
+r spends inside MPI calls (broadcasts, the reductions, the gather of logits),
+waits for a slower rank included; "MPI calls alone" is the time of the same
+calls issued back to back with no math between them, so no rank waits for
+another: the price of the traffic itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+VARIANTS = {  # key: (what the table calls it, ranks, threads per rank, launch options)
+    "1": ("1 rank", 1, 1, {}),
+    "2": ("2 ranks (vocab-parallel, rank-order sum)", 2, 1, {}),
+    "2-replicated": ("2 ranks, replicated embedding and LM head", 2, 1, {"vocab_parallel": False}),
+    "2-allreduce": ("2 ranks, MPI Allreduce", 2, 1, {"deterministic": False}),
+    "1x2": ("1 rank, 2 threads (not TP: for scale)", 1, 2, {}),
+}
+
+
+def step_traffic(config, batch: int, options: dict, repeats: int = 20) -> float:
+    """Seconds of one decode step's MPI calls when no rank waits for another: the same broadcasts,
+    reductions and gather as a step, back to back, with no math between them."""
+    from mpi4py import MPI
+
+    from mpi_tp import TPComm, vocab_bounds
+
+    tp = TPComm(MPI.COMM_WORLD, options.get("deterministic", True))
+    vocab_parallel = options.get("vocab_parallel", True)
+    bounds = vocab_bounds(config.vocab_size, tp.world) if vocab_parallel else np.array([0] + [config.vocab_size] * tp.world)
+    x = np.zeros((batch, config.n_embd), np.float32)  # [B, C]
+    logits = np.zeros((batch, bounds[tp.rank + 1] - bounds[tp.rank]), np.float32)  # [B, V_r]
+    tp.comm.Barrier()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        tp.bcast(np.zeros(3, np.int64))  # the command header
+        tp.bcast(np.zeros((3, batch), np.int64))  # slots, tokens, positions
+        for _ in range(2 * config.n_layer + vocab_parallel):  # after attn_proj and mlp_proj; the embedding
+            tp.reduce_sum(x)
+        tp.gather_columns(logits, bounds)
+    return (time.perf_counter() - start) / repeats
+
+
+def job(model: str, batches: list[int], position: int, steps: int, options: dict) -> None:
+    """One variant, on every rank of an mpiexec job; rank 0 prints one JSON line."""
+    from mpi_tp import launch
+    from reference import init_weights, preset
+
+    config = preset(model)
+    traffic = {batch: step_traffic(config, batch, options) for batch in batches}
+    weights = init_weights(config)
+    backend = launch(config, weights, n_slots=max(batches), **options)
+    del weights  # every rank keeps only its shard
+    if backend is None:
+        return
+    out = []
+    for batch in batches:
+        slots, tokens, positions = np.arange(batch), np.zeros(batch, np.int64), np.full(batch, position)
+        backend.decode(slots, tokens, positions)  # warm up
+        times, comm = [], backend.comm_seconds()
+        for _ in range(steps):
+            start = time.perf_counter()
+            backend.decode(slots, tokens, positions)
+            times.append(time.perf_counter() - start)
+        share = (backend.comm_seconds() - comm) / sum(times)  # [N] fraction of the steps' time
+        step = float(np.median(times))
+        out.append(dict(batch=batch, step_s=step, tokens_per_s=batch / step, comm_share=share.tolist(),
+                        traffic_s=traffic[batch]))  # fmt: skip
+    backend.close()
+    print(json.dumps(out), flush=True)
+
+
+def run_variant(name: str, args: argparse.Namespace) -> list[dict]:
+    _, ranks, threads, options = VARIANTS[name]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    command = [str(mpiexec if mpiexec.exists() else "mpiexec"), "-n", str(ranks), sys.executable, "-m", "mpi4py",
+               __file__, "--job", json.dumps(options), "--model", args.model, "--batches", args.batches,
+               "--position", str(args.position), "--steps", str(args.steps)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cpu_model() -> str:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    found = re.search(r"Model name:\s*(.+)", lscpu)
+    return f"{found.group(1).strip() if found else platform.processor()}, {os.cpu_count()} cores"
+
+
+def table(best: dict[str, list[dict]], batches: list[int]) -> str:
+    base = {r["batch"]: r["tokens_per_s"] for r in best["1"]}
+    lines = ["| variant | batch | step (ms) | tokens/s | vs 1 rank | time in MPI per rank | MPI calls alone (ms) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, rows in best.items():
+        for r in rows:
+            share = " / ".join(f"{100 * s:.1f}%" for s in r["comm_share"])
+            lines.append(f"| {VARIANTS[name][0]} | {r['batch']} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:.1f} "
+                         f"| {r['tokens_per_s'] / base[r['batch']]:.2f}x | {share} | {1e3 * r['traffic_s']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_section(body: str) -> None:
+    """Replace this benchmark's section of RESULTS.md (other sections belong to other benchmarks)."""
+    begin, end = "<!-- tp_scaling:begin -->", "<!-- tp_scaling:end -->"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Measured results\n"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt2-medium")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--position", type=int, default=128, help="the context position every request decodes at")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per batch and round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated keys of VARIANTS (1 first)")
+    p.add_argument("--quick", action="store_true", help="tiny preset, 1 round: checks the script runs")
+    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    p.add_argument("--job", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.job is not None:
+        return job(args.model, batches, args.position, args.steps, json.loads(args.job))
+    if args.quick:
+        args.model, args.rounds, args.steps, args.position, args.no_write = "tiny", 1, 3, 16, True
+    names = args.variants.split(",")
+    best: dict[str, list[dict]] = {}
+    for round_ in range(args.rounds):
+        for name in names:
+            rows = run_variant(name, args)
+            print(f"round {round_ + 1} {VARIANTS[name][0]}: " + ", ".join(
+                f"B={r['batch']} {1e3 * r['step_s']:.1f} ms" for r in rows), flush=True)  # fmt: skip
+            best[name] = [min(a, b, key=lambda r: r["step_s"]) for a, b in zip(best.get(name, rows), rows, strict=True)]
+    figures = table(best, batches)
+    print(figures)
+    command = "python benchmarks/tp_scaling.py " + " ".join(sys.argv[1:])
+    body = (
+        f"## Tensor parallelism on CPU ranks (`{args.model}`)\n\n"
+        f"Command: `{command.strip()}`  \nMachine: {cpu_model()}, Python {platform.python_version()}  \n"
+        f"Date: {datetime.date.today().isoformat()}  \n"
+        f"Decode step at position {args.position}, one BLAS and one Numba thread per rank unless named; "
+        f"best of {args.rounds} rounds of the median of {args.steps} steps.\n\n{figures}\n"
+    )
+    if not args.no_write:
+        write_section(body)
+
+
+if __name__ == "__main__":
+    main()
