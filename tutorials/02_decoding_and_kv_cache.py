@@ -1,0 +1,380 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Lesson 2: decoding and the KV cache
+#
+# Lesson 1 computed the logits of every position of a text at once. To
+# *generate* text, a model runs in a loop: score the next token, pick one,
+# append it, repeat. This lesson writes that loop twice, first by
+# recomputing everything at every step and then with a **KV cache**, the
+# memory that temporal fusion is built around. It measures what each costs,
+# and checks that the cached loop computes the same logits (to rounding) and
+# the same tokens.
+
+# %% [markdown]
+# The same two helpers as in lesson 1: `OUT`, the folder for pictures, and
+# `show(fig, name)`, which saves a figure there and draws it in Jupyter. This
+# lesson times things, so it also asks for one thread per process (below).
+
+# %%
+# ruff: noqa: E402  (each cell imports what it first uses, as a reader meets it)
+import os
+
+# One thread per process, set before NumPy and Numba load: on a small model and a
+# busy machine, parallel kernels spend more time waiting for each other than
+# computing, and timings jump. Set these variables yourself to use more threads.
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+OUT = Path(os.environ.get("FLOVER_TUTORIAL_OUT", "out/tutorials"))
+OUT.mkdir(parents=True, exist_ok=True)
+
+
+def show_file(path: Path) -> Path:
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return path
+    if get_ipython() is not None:
+        display(Image(filename=str(path)))
+    return path
+
+
+def show(fig, name: str) -> Path:
+    path = OUT / name
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return show_file(path)
+
+
+# %% [markdown]
+# ## Generating without a cache
+#
+# The model and its tokenizer come from `flover.loading.resolve(None)` as in
+# lesson 1. *Greedy* decoding picks the token with the highest logit. The
+# simplest loop feeds the whole text so far to `reference.forward` at every
+# step and keeps only the last row of logits.
+
+# %%
+import time
+
+from flover.loading import resolve
+from reference import forward
+
+config, weights, tokenizer = resolve(None)
+prompt = np.array(tokenizer.encode("def fibonacci(n):\n"))  # [P]
+P, N = len(prompt), 32  # prompt length, tokens to generate
+
+
+def generate_without_cache(prompt: np.ndarray, n: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens, and the time each one took."""
+    tokens, times = list(prompt), []
+    for _ in range(n):
+        start = time.perf_counter()
+        logits = forward(weights, config, np.array(tokens))  # [len(tokens), V]: every position again
+        tokens.append(int(np.argmax(logits[-1])))
+        times.append(time.perf_counter() - start)
+    return tokens[len(prompt) :], times
+
+
+no_cache_tokens, no_cache_times = generate_without_cache(prompt, N)
+print(repr(tokenizer.decode(prompt.tolist()) + tokenizer.decode(no_cache_tokens)))
+
+# %% [markdown]
+# Step i runs the model over P + i tokens, and all but the last row of its
+# logits are thrown away. Yet lesson 1 showed that causality makes row t
+# depend on tokens 0..t only: the past does not change when a token is
+# appended. Inside attention, the only thing a new token needs from the past
+# is the past tokens' **keys and values** (step 3 of lesson 1), in every
+# layer. Keep them, and each step only has to run the one new token.
+
+# %% [markdown]
+# ## The KV cache as slots
+#
+# `reference.KVSlots(config, n_slots)` preallocates that memory the way
+# Flover does: a fixed number of **slots**, one per request being served,
+# each big enough for a whole context of `n_ctx` positions. Two arrays, `k`
+# and `v`, each of shape
+#
+#     [n_layer, n_slots, n_head, n_ctx, head_dim]
+#
+# so `k[layer, slot, head, position]` is one key vector of D numbers.
+#
+# A **backend** owns the weights and the KV slots and does the math;
+# `reference.NumpyBackend(config, weights, n_slots)` is the NumPy one, and
+# its cache is `backend.cache`. Every backend offers the same three methods
+# (the `reference.Backend` protocol), and the schedulers of later lessons use
+# nothing else:
+#
+# - `prefill(slot, tokens) -> [V]`: run a whole prompt in one pass, as
+#   `forward` does, store its keys and values in positions 0..P-1 of `slot`,
+#   and return the logits of its last position;
+# - `decode(slots, tokens, positions) -> [B, V]`: one **decode step** for B
+#   requests at once: request b feeds `tokens[b]` at `positions[b]` of slot
+#   `slots[b]`, writes that token's keys and values there, and attends over
+#   positions 0..positions[b] of its own slot;
+# - `move_slots(src, dst, lengths)`: copy slots, for lesson 4.
+
+# %%
+from reference import Backend, NumpyBackend
+
+backend = NumpyBackend(config, weights, n_slots=4)
+k_cache = backend.cache.k
+print("k and v:", k_cache.shape, "=", "[n_layer, n_slots, n_head, n_ctx, head_dim]")
+print(f"{2 * k_cache.nbytes / 1e6:.1f} MB for {backend.n_slots} slots of {config.n_ctx} positions")
+assert isinstance(backend, Backend)
+assert k_cache.shape == (config.n_layer, 4, config.n_head, config.n_ctx, config.head_dim)
+
+# %% [markdown]
+# ## Prefill
+#
+# Prefill the prompt into slot 0. Its logits are those of `forward`'s last
+# row, and slot 0 now holds, in layer 0, exactly the keys we computed by hand
+# in lesson 1 (layer norm, `c_attn`, the key third, split into heads).
+# Positions from P on are still empty.
+
+# %%
+from reference import ops
+
+logits = backend.prefill(0, prompt)  # [P] -> [V]
+assert logits.shape == (config.vocab_size,)
+assert np.allclose(logits, forward(weights, config, prompt)[-1], rtol=1e-5, atol=1e-5)
+
+block = weights.blocks[0]
+x = weights.wte[prompt] + weights.wpe[np.arange(P)]  # [P, C]
+h = ops.layer_norm(x, block.ln_1.g, block.ln_1.b, config.layer_norm_epsilon)  # [P, C]
+k = np.split(ops.linear(h, block.c_attn.w, block.c_attn.b), 3, axis=-1)[1]  # [P, C]
+assert np.array_equal(k_cache[0, 0, :, :P], ops.split_heads(k, config.n_head))  # [H, P, D]
+assert not k_cache[:, 0, :, P:].any(), "positions past the prompt are untouched"
+
+# %% [markdown]
+# ## Decode
+#
+# Now the loop with the cache: one prefill, then one decode step per token,
+# here with a batch of one (B = 1). Each step feeds the token just chosen at
+# the next position. We keep the logits of every step to compare them below.
+# The very first decode step of a program also loads its compiled kernels,
+# so we make one untimed call before timing the loop.
+
+
+# %%
+def generate_with_cache(backend, prompt: np.ndarray, n: int, slot: int = 0):
+    """Greedy tokens, the logits that chose each one, and the time each took."""
+    start = time.perf_counter()
+    logits = backend.prefill(slot, prompt)  # [V]
+    tokens, all_logits, times = [int(np.argmax(logits))], [logits], [time.perf_counter() - start]
+    position = len(prompt)
+    while len(tokens) < n:
+        start = time.perf_counter()
+        logits = backend.decode(np.array([slot]), np.array([tokens[-1]]), np.array([position]))[0]  # [1, V] -> [V]
+        tokens.append(int(np.argmax(logits)))
+        all_logits.append(logits)
+        times.append(time.perf_counter() - start)
+        position += 1
+    return tokens, np.array(all_logits), times
+
+
+backend.decode(np.array([3]), np.array([0]), np.array([0]))  # untimed: the first step loads compiled kernels
+cache_tokens, cache_logits, cache_times = generate_with_cache(backend, prompt, N)
+print(repr(tokenizer.decode(prompt.tolist()) + tokenizer.decode(cache_tokens)))
+assert cache_tokens == no_cache_tokens
+assert k_cache[:, 0, :, : P + N - 1].any(axis=(0, 1, 3)).all(), "every fed position now has keys"
+
+# %% [markdown]
+# `reference.generate(backend, prompt_ids, max_new_tokens)` is this loop as
+# the project writes it. It yields each token as soon as it is made (so a
+# caller can stream them), and it is the **serial** ground truth that every
+# scheduler in this project is tested against.
+
+# %%
+from reference import generate
+
+assert list(generate(backend, prompt, N)) == cache_tokens
+
+# %% [markdown]
+# ## Decode logits equal a fresh forward pass, to rounding
+#
+# Feed `forward` the prompt and all generated tokens at once. Its row
+# P - 1 + i scored the (i+1)-th generated token, so it must match the logits
+# of decode step i. It does, but only to rounding: `forward` and `prefill`
+# multiply whole matrices with BLAS, while `decode` uses kernels that add up
+# each sum in a fixed order (the subject of lesson 5), and floating-point
+# sums in a different order round differently.
+
+# %%
+fresh = forward(weights, config, np.concatenate([prompt, cache_tokens[:-1]]))[P - 1 :]  # [N, V]
+diff = np.abs(fresh - cache_logits)
+scale = np.abs(fresh).max()
+print(
+    f"max |difference| {diff.max():.2e} (logits up to {scale:.2f}); bitwise equal entries: {np.mean(fresh == cache_logits):.0%}"
+)
+assert fresh.shape == cache_logits.shape == (N, config.vocab_size)
+assert diff.max() <= 1e-4 * max(scale, 1.0)
+assert np.array_equal(fresh.argmax(axis=-1), cache_logits.argmax(axis=-1))
+
+# %% [markdown]
+# ## Slots hold requests side by side
+#
+# Slots are independent: prefill other prompts into slots 1, 2 and 3 and
+# slot 0 is untouched. The picture shows which positions of each slot hold
+# keys (in layer 0, head 0). Every slot reserves all `n_ctx` positions,
+# whether its request uses them or not; that fixed layout is what lets a
+# fused step address each request by a slot number (lessons 3 and 4).
+
+# %%
+before = k_cache[:, 0].copy()
+for slot, text in ((1, "import os"), (2, "x = 1"), (3, "class Point:\n    ")):
+    backend.prefill(slot, np.array(tokenizer.encode(text)))
+assert np.array_equal(k_cache[:, 0], before)
+
+shown = 64
+used = k_cache[0, :, 0, :shown].any(axis=-1)  # [n_slots, positions]
+fig, ax = plt.subplots(figsize=(9, 2.2))
+ax.imshow(used, cmap="Blues", aspect="auto", interpolation="nearest")
+ax.set_yticks(range(backend.n_slots), [f"slot {s}" for s in range(backend.n_slots)])
+ax.set_xlabel(f"position (first {shown} of n_ctx = {config.n_ctx})")
+ax.set_title("KV slots: positions holding keys")
+show(fig, "02_kv_slots.png")
+assert used.sum(axis=1).tolist()[1:] == [len(tokenizer.encode(t)) for t in ("import os", "x = 1", "class Point:\n    ")]
+
+# %% [markdown]
+# ## Sampling
+#
+# Greedy decoding always picks the top token. `reference.SamplingParams`
+# describes the alternatives: divide the logits by a `temperature` (0 means
+# greedy), keep only the `top_k` best tokens and the smallest set whose
+# probability reaches `top_p`, then draw. A `reference.Sampler` holds one
+# request's sampling state: a random generator seeded by the request's own
+# `seed`, from which it makes exactly one draw per token. So the same request
+# gets the same tokens however it is scheduled, a fact later lessons rely on.
+# `generate` takes the parameters as `sampling=`, and `stop_ids`, tokens that
+# end the request early (the stop token itself is still returned).
+
+# %%
+from reference import Sampler, SamplingParams
+
+params = SamplingParams(temperature=0.8, top_k=40, seed=7)
+sampled = list(generate(backend, prompt, N, sampling=params))
+print(repr(tokenizer.decode(sampled)))
+assert list(generate(backend, prompt, N, sampling=params)) == sampled, "same seed, same tokens"
+assert list(generate(backend, prompt, N, sampling=SamplingParams(0.8, 40, seed=8))) != sampled
+
+sampler = Sampler(params)  # generate's loop by hand: prefill, then one decode step and one draw per token
+mine = [sampler(backend.prefill(0, prompt))]
+while len(mine) < N:
+    mine.append(sampler(backend.decode(np.array([0]), np.array([mine[-1]]), np.array([P + len(mine) - 1]))[0]))
+assert mine == sampled
+
+newline = tokenizer.encode("\n")[0]
+stopped = list(generate(backend, prompt, N, sampling=params, stop_ids=[newline]))
+assert stopped == sampled[: len(stopped)] and (stopped[-1] == newline or len(stopped) == N)
+assert newline not in stopped[:-1]
+print(f"with stop id {newline}: {len(stopped)} tokens, {stopped[-1] == newline and 'ended by the stop id' or 'ran to N'}")
+
+# %% [markdown]
+# ## What the cache saves
+#
+# Count the token rows that pass through the model. Without the cache, step i
+# runs P + i rows, N * P + N(N-1)/2 in all; with it, the prefill runs P rows
+# and each of the N - 1 decode steps one row.
+
+# %%
+rows_without = sum(P + i for i in range(N))
+rows_with = P + (N - 1)
+print(f"P = {P}, N = {N}: {rows_without} rows without the cache, {rows_with} with it ({rows_without / rows_with:.1f}x)")
+assert rows_without == N * P + N * (N - 1) // 2
+
+# %% [markdown]
+# And in time: the two loops above timed every token. Without the cache a
+# step gets slower as the text grows; with it, after the prefill, every step
+# costs about the same. (These are wall-clock times on your machine, so the
+# exact figures will vary from run to run.)
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 3.5))
+ax.plot(np.cumsum(no_cache_times) * 1e3, label="recompute everything (no cache)")
+ax.plot(np.cumsum(cache_times) * 1e3, label="prefill + decode with the KV cache")
+ax.set_xlabel("tokens generated")
+ax.set_ylabel("cumulative time (ms)")
+ax.legend()
+show(fig, "02_cache_vs_recompute.png")
+print(f"without cache {sum(no_cache_times) * 1e3:.1f} ms, with cache {sum(cache_times) * 1e3:.1f} ms for {N} tokens")
+assert sum(cache_times) < sum(no_cache_times)
+
+# %% [markdown]
+# Single runs are noisy on a busy machine, so to compare costs we time each
+# call several times and keep the fastest (`best_ms`). Three costs, at
+# context lengths L:
+#
+# - `forward` over L tokens: one step of the loop without a cache;
+# - `prefill` of L tokens, divided by L: the cost per prompt token;
+# - one `decode` step at position L: the cost per generated token.
+#
+# A forward pass over L tokens grows with L (every linear layer sees L rows;
+# attention compares L x L pairs), while a decode step at position L runs one
+# row and reads L cached keys and values. In a big model a decode step is
+# bound by reading every weight from memory for a single token; a prefill
+# reads the same weights once for all P prompt tokens, which is why it costs
+# far less per token. Batching many requests into one decode step (lesson 3)
+# shares that read in the same way.
+
+
+# %%
+def best_ms(fn, *args, repeats: int = 5) -> float:
+    """The fastest of a few calls fn(*args), in milliseconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
+lengths = [16, 64, 128, min(224, config.n_ctx - 1)]
+ids = np.resize(prompt, config.n_ctx)  # a long token sequence to cut prefixes from
+backend.prefill(0, ids[: lengths[-1]])  # fill slot 0 up to the longest length
+costs = {"forward": [], "prefill per token": [], "decode step": []}
+for L in lengths:
+    costs["forward"].append(best_ms(forward, weights, config, ids[:L]))
+    costs["prefill per token"].append(best_ms(backend.prefill, 1, ids[:L]) / L)
+    costs["decode step"].append(best_ms(backend.decode, np.array([0]), ids[L - 1 : L], np.array([L - 1])))
+for name, ms in costs.items():
+    print(f"{name:18s}", "  ".join(f"L={L}: {t:7.3f} ms" for L, t in zip(lengths, ms)))
+
+fig, ax = plt.subplots(figsize=(7, 3.5))
+for name, ms in costs.items():
+    ax.plot(lengths, ms, marker="o", label=name)
+ax.set_xlabel("context length L")
+ax.set_ylabel("ms (fastest of 5)")
+ax.set_yscale("log")
+ax.legend()
+show(fig, "02_costs.png")
+assert costs["forward"][-1] > costs["forward"][0], "a forward pass costs more for a longer text"
+assert costs["decode step"][-1] < costs["forward"][-1], "one cached step is cheaper than recomputing"
+
+# %% [markdown]
+# ## What we have
+#
+# - Generation is a loop of one **prefill** (the prompt, all at once) and
+#   **decode** steps (one token each), both on a **backend** that keeps each
+#   request's keys and values in a **slot** of the **KV cache**.
+# - A decode step takes a *batch*: `decode(slots, tokens, positions)` serves
+#   B requests, each in its own slot at its own position. Lesson 3 uses
+#   exactly that to serve requests that arrive at different times.
