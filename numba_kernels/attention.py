@@ -8,7 +8,7 @@ written with heads merged, [B, C], ready for the output projection.
 Kernels:
 
 - ``store_kv_kernel``: row r's k and v into slot slots[r] at positions[r];
-  one block per (row, head). It also records the slot's length in the
+  one block per row. It also records the slot's length in the
   per-slot state ``slot_lengths`` (the memory shuffle moves it with the slot).
 - ``attention_kernel``, one version: one block per (query, head), so a
   request's row never shares a reduction with another request. The block
@@ -32,6 +32,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
+from numba_kernels.grid import block_threads
 from numba_kernels.reduce import MAX_THREADS, block_max, block_sum, reduce_threads
 
 MAX_THREADS_ATTENTION = 128
@@ -41,16 +42,16 @@ MAX_SHARED_BYTES = 48 * 1024  # a block's static limit; the scores of one query 
 
 @cuda.jit
 def store_kv_kernel(qkv, k_cache, v_cache, slots, positions, slot_lengths):  # pragma: no cover - kernel
-    """qkv [B, 3C] -> k_cache, v_cache [n_slots, H, n_ctx, D] at (slots[r], positions[r]); grid (B, H)."""
-    r, h = cuda.blockIdx.x, cuda.blockIdx.y
+    """qkv [B, 3C] -> k_cache, v_cache [n_slots, H, n_ctx, D] at (slots[r], positions[r]); grid (B,)."""
+    r = cuda.blockIdx.x
     d_head = k_cache.shape[3]
     c = k_cache.shape[1] * d_head
     s, t = slots[r], positions[r]
-    for d in range(cuda.threadIdx.x, d_head, cuda.blockDim.x):
-        k_cache[s, h, t, d] = qkv[r, c + h * d_head + d]
-        v_cache[s, h, t, d] = qkv[r, 2 * c + h * d_head + d]
+    for i in range(cuda.threadIdx.x, c, cuda.blockDim.x):  # i = h * D + d
+        k_cache[s, i // d_head, t, i % d_head] = qkv[r, c + i]
+        v_cache[s, i // d_head, t, i % d_head] = qkv[r, 2 * c + i]
     # the last row of a slot in this launch (prefill rows share one slot) records its length
-    if h == 0 and cuda.threadIdx.x == 0 and (r + 1 == slots.shape[0] or slots[r + 1] != s):
+    if cuda.threadIdx.x == 0 and (r + 1 == slots.shape[0] or slots[r + 1] != s):
         slot_lengths[s] = t + 1
 
 
@@ -64,19 +65,16 @@ def attention_kernel(qkv, k_cache, v_cache, slots, lengths, scale, out):  # prag
     tid, nt = cuda.threadIdx.x, cuda.blockDim.x
     d_head = k_cache.shape[3]
     s, n = slots[r], lengths[r]
-    q = cuda.shared.array(MAX_HEAD_DIM, float32)
     part = cuda.shared.array(MAX_THREADS, float32)
     v_part = cuda.shared.array(MAX_THREADS, float32)  # [G, D] partial sums of the weighted V
     scores = cuda.shared.array(0, float32)  # [n_ctx]
-    for d in range(tid, d_head, nt):
-        q[d] = qkv[r, h * d_head + d]
-    cuda.syncthreads()
+    q0 = h * d_head  # this head's query in qkv; every thread reads it, so it stays in L1
 
     best = float32(-math.inf)
     for t in range(tid, n, nt):
         dot = float32(0.0)
         for d in range(d_head):
-            dot = cuda.fma(q[d], k_cache[s, h, t, d], dot)
+            dot = cuda.fma(qkv[r, q0 + d], k_cache[s, h, t, d], dot)
         scores[t] = dot * scale
         best = max(best, scores[t])
     best = block_max(part, best)
@@ -111,9 +109,8 @@ def attention_threads(n_ctx: int) -> int:
 
 def store_kv(qkv, k_cache, v_cache, slots, positions, slot_lengths, stream=0) -> None:
     if qkv.shape[0]:
-        store_kv_kernel[(qkv.shape[0], k_cache.shape[1]), 32, stream](
-            qkv, k_cache, v_cache, slots, positions, slot_lengths
-        )
+        threads = block_threads(qkv.shape[1] // 3, MAX_THREADS)
+        store_kv_kernel[qkv.shape[0], threads, stream](qkv, k_cache, v_cache, slots, positions, slot_lengths)
 
 
 def attention(qkv, k_cache, v_cache, slots, lengths, out, stream=0):

@@ -9,9 +9,10 @@ Lookup for (M, N, K): the entry for exactly that shape; else, for the same
 (N, K), the entry with the largest tuned M not above M (batch sizes between
 two tuned ones take the smaller one's choice); else the default rule:
 
-    M <= 8  ->  gemv, ROWS = M rounded up to a power of two, threads = N rounded
-                up to a power of two, 32 to 128
-    M >  8  ->  tiled, 64 x 64 tiles, BK = 8, 4 x 4 outputs per thread
+    M <= 8  ->  gemv, ROWS = M rounded up to a power of two, 64 threads (N / 64
+                blocks spread a narrow layer's columns over many SMs)
+    M >  8  ->  tiled, 32 x 32 tiles, BK = 16, 4 x 4 outputs per thread (64
+                threads; small tiles keep many blocks in flight at GPT-2 widths)
 
 Every variant gives bitwise the same result (see ``gemm.py``), so the table
 decides speed only, never a number.
@@ -24,11 +25,11 @@ from pathlib import Path
 
 from numba_kernels.device import device_name
 from numba_kernels.gemm import Variant, launch
-from numba_kernels.grid import block_threads
 
 TABLE_PATH = Path(__file__).with_name("tuning.json")
 GEMV_MAX_ROWS = 8
-DEFAULT_TILE = (64, 64, 8, 4, 4)
+DEFAULT_TILE = (32, 32, 16, 4, 4)
+GEMV_THREADS = 64
 
 
 def shape_key(m: int, n: int, k: int) -> str:
@@ -40,7 +41,7 @@ def default_variant(m: int, n: int, k: int) -> Variant:
         rows = 1
         while rows < m:
             rows *= 2
-        return Variant("gemv", (block_threads(n, 128), rows))
+        return Variant("gemv", (GEMV_THREADS, rows))
     return Variant("tiled", DEFAULT_TILE)
 
 

@@ -48,8 +48,9 @@ class Variant:
         return f"{self.kernel} {'x'.join(map(str, self.params))}"
 
 
-TILES = ((64, 64, 8, 4, 4), (128, 128, 8, 8, 8), (128, 64, 8, 8, 4), (32, 32, 8, 2, 2), (16, 16, 16, 1, 1))
-GEMV_PARAMS = ((128, 1), (128, 2), (128, 4), (128, 8), (256, 1), (256, 4), (64, 8))
+TILES = ((32, 32, 16, 4, 4), (64, 64, 16, 4, 4), (64, 64, 8, 4, 4), (64, 64, 16, 8, 8), (128, 64, 8, 8, 4),
+         (128, 128, 8, 8, 8), (16, 16, 16, 1, 1))  # fmt: skip
+GEMV_PARAMS = ((32, 1), (64, 1), (64, 2), (64, 4), (64, 8), (128, 1), (128, 4), (128, 8), (256, 1))
 
 
 def candidates() -> list[Variant]:
@@ -114,7 +115,8 @@ def tiled_kernel(bm: int, bn: int, bk: int, tm: int, tn: int):
                 else:
                     ws[kk, nn] = float32(0.0)
             cuda.syncthreads()
-            for kk in range(min(bk, k_dim - k0)):  # only real k: a padded term would still be a term
+            live = m0 + ty < m_dim and n0 + tx < n_dim  # a thread past the edge only helps load
+            for kk in range(min(bk, k_dim - k0) if live else 0):  # only real k: a padded term is a term
                 for i in range(tm):
                     xa[i] = xs[kk, ty + i * threads_y]
                 for j in range(tn):

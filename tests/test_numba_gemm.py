@@ -82,10 +82,10 @@ def test_row_alone_equals_row_in_batch():
 
 
 def test_default_rule_gemv_for_few_rows_tiled_for_many():
-    assert default_variant(1, 2304, 768) == Variant("gemv", (128, 1))
-    assert default_variant(5, 20, 768) == Variant("gemv", (32, 8))
+    assert default_variant(1, 2304, 768) == Variant("gemv", (64, 1))
+    assert default_variant(5, 20, 768) == Variant("gemv", (64, 8))
     assert default_variant(8, 768, 768).kernel == "gemv"
-    assert default_variant(9, 768, 768) == Variant("tiled", (64, 64, 8, 4, 4))
+    assert default_variant(9, 768, 768) == Variant("tiled", (32, 32, 16, 4, 4))
 
 
 def test_dispatch_takes_the_largest_tuned_batch_not_above(tmp_path):
