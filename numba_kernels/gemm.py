@@ -161,17 +161,19 @@ def gemv_kernel(rows: int):
                 r, kk = e // GEMV_K_CHUNK, e % GEMV_K_CHUNK
                 if r < n_rows and kk < k_len:
                     xs[r, kk] = x[m0 + r, k0 + kk]
+                else:
+                    xs[r, kk] = float32(0.0)  # rows past M are summed but never stored
             cuda.syncthreads()
             if n < n_dim:
                 for kk in range(k_len):
                     wv = w[k0 + kk, n]  # one read of the weight serves every row
-                    for r in range(rows):
-                        if r < n_rows:
-                            acc[r] = cuda.fma(xs[r, kk], wv, acc[r])
+                    for r in range(rows):  # no branch in the hot loop
+                        acc[r] = cuda.fma(xs[r, kk], wv, acc[r])
             cuda.syncthreads()
         if n < n_dim:
-            for r in range(n_rows):
-                out[m0 + r, n] = acc[r] + b[n]
+            for r in range(rows):  # a constant trip count keeps acc in registers
+                if r < n_rows:
+                    out[m0 + r, n] = acc[r] + b[n]
 
     return gemm_gemv
 
