@@ -50,8 +50,8 @@ class NumpyBackend:
         self.invariant = invariant
         self.cache = KVSlots(config, n_slots)
         self.dops = model.INVARIANT_OPS if invariant else model.BLAS_OPS
-        head_w = np.ascontiguousarray(weights.head.T) if invariant else weights.head.T  # [C, V]
-        self.head = Linear(head_w, np.zeros(config.vocab_size, np.float32))
+        self.decode_weights = model.prepare_weights(weights, self.dops)  # packed once for the invariant kernels
+        self.head = Linear(self.dops.prepare(weights.head.T), np.zeros(config.vocab_size, np.float32))  # [C, V]
 
     def prefill(self, slot: int, tokens: np.ndarray) -> np.ndarray:
         return model.prefill(self.weights, self.config, self.cache, slot, tokens)
@@ -59,7 +59,7 @@ class NumpyBackend:
     def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         slots = np.asarray(slots, np.int64)
         return model.decode(
-            self.weights, self.config, self.cache, slots,
+            self.decode_weights, self.config, self.cache, slots,
             np.asarray(tokens, np.int64), np.asarray(positions, np.int64), self.head, self.dops,
         )  # fmt: skip
 

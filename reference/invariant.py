@@ -7,56 +7,154 @@ GEMM's blocking may depend on M; NumPy's SIMD reductions and transcendental
 functions treat an element differently in the vector body and the tail.
 
 So every kernel here computes one request's row with a loop whose order is
-fixed by the row's own sizes (K, n_embd, the request's own length) and never
-by the batch: an output element accumulates its K products one after another
-in ascending k, in one thread, and batch rows are only an outer loop. The
-result is bitwise equal whether a request decodes alone or beside 63 others,
-by construction, and ``tests/test_batch_invariance.py`` checks it.
+fixed by the row's own sizes (K, n_embd, head_dim, the request's own length)
+and never by the batch: an output element of a matmul starts at 0, adds its K
+products one after another in ascending k (each a fused multiply-add), then
+adds the bias, in one thread; batch rows are only an outer loop. The result
+is bitwise equal whether a request decodes alone or beside 63 others, by
+construction, and ``tests/test_invariant_kernels.py`` checks it.
 
-Parallelism comes from splitting the *output columns* over threads (each
-element still summed by one thread), and speed from vectorising across output
-columns, which reorders nothing.
+Speed without breaking that rule (``matmul_rows``):
+
+- Parallelism splits the *output columns* into tiles of ``TILE_N`` over
+  threads; an element is still summed by one thread.
+- SIMD runs across output columns: 16 neighbouring columns are 16 separate
+  sums advanced in lockstep, which reorders nothing.
+- Register blocking: a micro-kernel computes a block of ``TILE_ROWS`` rows by
+  ``TILE_N`` columns with its accumulators on the stack, which LLVM keeps in
+  vector registers for the whole K loop; each weight vector loaded serves
+  ``TILE_ROWS`` rows. The batch is padded with zero rows to a multiple of
+  ``TILE_ROWS``, so every row, the last one included, takes the same path.
+- The weight is packed once (``pack_weight``) into column tiles
+  [N / TILE_N, K, TILE_N], so the micro-kernel reads one contiguous,
+  64-byte aligned stream.
+
+What never happens: ``fastmath`` beyond ``contract`` (which only fuses a
+multiply and an add into one FMA), a split of K, or a code path chosen by the
+batch size or a row's index.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-TILE_N = 64  # output columns per task: 4 AVX-512 vectors
+TILE_N = 64  # output columns per tile: 4 AVX-512 vectors; under 64 LLVM unrolls instead of vectorising
+TILE_ROWS = 4  # batch rows per micro-kernel: 4 x 4 = 16 vector accumulators
+TILE_SIZE = TILE_ROWS * TILE_N  # a constant, so the accumulators can live on the stack
+ALIGN = 64  # bytes: a cache line, so a 16-float vector load never straddles two
 
 
-@njit(parallel=True, fastmath={"contract"}, cache=True)
-def matmul_rows(x, w, b):  # pragma: no cover - compiled
-    """[B, K] @ [K, N] + [N] -> [B, N], each element summed over ascending k."""
+@dataclass(frozen=True, slots=True)
+class PackedWeight:
+    """A [K, N] weight as ``tiles`` [ceil(N / TILE_N), K, TILE_N]: tile t holds columns
+    t*TILE_N ... t*TILE_N + TILE_N - 1, zero-padded past N."""
+
+    tiles: np.ndarray
+    n_out: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.tiles.shape[1], self.n_out
+
+
+def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """An uninitialised array whose data starts on an ``ALIGN``-byte boundary."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def pack_weight(w: np.ndarray) -> PackedWeight:
+    """[K, N] -> column tiles [ceil(N / TILE_N), K, TILE_N], done once per weight."""
+    k_dim, n_out = w.shape
+    n_tiles = -(-n_out // TILE_N)
+    tiles = aligned_empty((n_tiles, k_dim, TILE_N))
+    tiles[...] = 0.0
+    for t in range(n_tiles):
+        cols = w[:, t * TILE_N : (t + 1) * TILE_N]  # [K, <=TILE_N]
+        tiles[t, :, : cols.shape[1]] = cols
+    return PackedWeight(tiles, n_out)
+
+
+def matmul_rows(x: np.ndarray, w: np.ndarray | PackedWeight, b: np.ndarray) -> np.ndarray:
+    """[B, K] @ [K, N] + [N] -> [B, N], each element summed over ascending k.
+
+    ``w`` is a packed weight, or a plain [K, N] array that is packed on the fly
+    (same result, but the packing costs a copy of the weight per call).
+    """
+    if not isinstance(w, PackedWeight):
+        w = pack_weight(np.asarray(w, np.float32))
     n_rows, k_dim = x.shape
-    n_out = w.shape[1]
-    out = np.empty((n_rows, n_out), np.float32)
-    n_tiles = (n_out + TILE_N - 1) // TILE_N
+    if k_dim != w.shape[0]:
+        raise ValueError(f"matmul of [{n_rows}, {k_dim}] by a weight of shape {w.shape}")
+    x_pad = np.zeros((-(-n_rows // TILE_ROWS) * TILE_ROWS, k_dim), np.float32)  # [B_pad, K]
+    x_pad[:n_rows] = x
+    n_cols = w.tiles.shape[0] * TILE_N
+    b_pad = np.zeros(n_cols, np.float32)  # [N_pad]
+    b_pad[: w.n_out] = b
+    return matmul_tiles(x_pad, w.tiles, b_pad)[:n_rows, : w.n_out]
+
+
+@intrinsic
+def stack_empty(typingctx, size, dtype):
+    """A pointer to ``size`` uninitialised elements on the stack (size a compile-time constant).
+
+    Unlike a NumPy array, stack memory is known to alias nothing else, so once
+    the loops over it are unrolled LLVM keeps its elements in registers.
+    """
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, signature, args):
+        n = context.get_constant(types.intp, size.literal_value)
+        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=n)
+
+    return types.CPointer(dtype.dtype)(size, dtype), codegen
+
+
+@njit(parallel=True, fastmath={"contract"}, error_model="numpy", cache=True)
+def matmul_tiles(x, tiles, b):  # pragma: no cover - compiled
+    """[B_pad, K] @ tiles [n_tiles, K, TILE_N] + [N_pad] -> [B_pad, N_pad], B_pad % TILE_ROWS == 0.
+
+    The loops over ``r`` and ``j`` have constant trip counts: LLVM vectorises
+    ``j`` into TILE_N / 16 vectors, unrolls ``r``, and keeps ``acc`` in
+    TILE_ROWS x TILE_N / 16 registers across the whole ``k`` loop.
+    """
+    n_rows, k_dim = x.shape
+    n_tiles = tiles.shape[0]
+    out = np.empty((n_rows, n_tiles * TILE_N), np.float32)
     for tile in prange(n_tiles):
-        j0 = tile * TILE_N
-        j1 = min(j0 + TILE_N, n_out)
-        for r in range(n_rows):
-            acc = out[r, j0:j1]
+        w = tiles[tile]  # [K, TILE_N]
+        bias = b[tile * TILE_N : (tile + 1) * TILE_N]  # [TILE_N]
+        acc = carray(stack_empty(TILE_SIZE, np.float32), (TILE_ROWS, TILE_N))
+        for r0 in range(0, n_rows, TILE_ROWS):
             acc[:] = 0.0
             for k in range(k_dim):
-                xv = x[r, k]
-                wk = w[k, j0:j1]
-                for j in range(j1 - j0):
-                    acc[j] += xv * wk[j]
-            for j in range(j1 - j0):
-                acc[j] += b[j0 + j]
+                wk = w[k]  # [TILE_N]
+                for r in range(TILE_ROWS):
+                    xv = x[r0 + r, k]
+                    for j in range(TILE_N):
+                        acc[r, j] += xv * wk[j]
+            for r in range(TILE_ROWS):
+                row = out[r0 + r, tile * TILE_N : (tile + 1) * TILE_N]  # [TILE_N]
+                for j in range(TILE_N):
+                    row[j] = acc[r, j] + bias[j]
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(fastmath={"contract"}, error_model="numpy", cache=True)
 def layer_norm_rows(x, g, b, eps):  # pragma: no cover - compiled
     """Row-wise layer norm: [B, C] -> [B, C], sums taken in ascending order."""
     n_rows, c = x.shape
     out = np.empty_like(x)
-    for r in prange(n_rows):
+    for r in range(n_rows):
         total = np.float32(0.0)
         for i in range(c):
             total += x[r, i]
@@ -71,26 +169,51 @@ def layer_norm_rows(x, g, b, eps):  # pragma: no cover - compiled
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(fastmath={"contract"}, error_model="numpy", inline="always", cache=True)
+def tanh_f32(v):  # pragma: no cover - compiled
+    """tanh as a ratio of two polynomials in v (Eigen's float tanh), within 5 float32 ulps.
+
+    Plain arithmetic, so a loop over it vectorises; ``math.tanh`` is a libm call per element.
+    """
+    x = min(max(v, np.float32(-7.90531110763549805)), np.float32(7.90531110763549805))  # tanh is +-1 beyond
+    x2 = x * x
+    p = x2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
+    p = x2 * p + np.float32(-8.60467152213735e-11)
+    p = x2 * p + np.float32(5.12229709037114e-08)
+    p = x2 * p + np.float32(1.48572235717979e-05)
+    p = x2 * p + np.float32(6.37261928875436e-04)
+    p = x2 * p + np.float32(4.89352455891786e-03)
+    q = x2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
+    q = x2 * q + np.float32(2.26843463243900e-03)
+    q = x2 * q + np.float32(4.89352518554385e-03)
+    return x * p / q
+
+
+@njit(fastmath={"contract"}, error_model="numpy", cache=True)
 def gelu_rows(x):  # pragma: no cover - compiled
-    """GPT-2's tanh GELU, row by row: [B, D] -> [B, D]."""
+    """GPT-2's tanh GELU, element by element: [B, D] -> [B, D]."""
     n_rows, d = x.shape
     out = np.empty_like(x)
     c = np.float32(math.sqrt(2.0 / math.pi))
-    for r in prange(n_rows):
+    for r in range(n_rows):
+        xr, yr = x[r], out[r]  # [D]
         for i in range(d):
-            v = x[r, i]
-            out[r, i] = np.float32(0.5) * v * (np.float32(1.0) + math.tanh(c * (v + np.float32(0.044715) * v * v * v)))
+            v = xr[i]
+            yr[i] = np.float32(0.5) * v * (np.float32(1.0) + tanh_f32(c * (v + np.float32(0.044715) * v * v * v)))
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, fastmath={"contract"}, error_model="numpy", cache=True)
 def decode_attention(q, k_cache, v_cache, slots, lengths):  # pragma: no cover - compiled
     """One query per request over its own cached positions.
 
     q: [B, n_head, head_dim]; k_cache, v_cache: [n_slots, n_head, n_ctx, head_dim];
     request b reads slot ``slots[b]`` positions ``0 .. lengths[b]-1`` and nothing else.
     -> [B, n_head, head_dim]
+
+    A score sums head_dim products in ascending order; the softmax and the
+    weighted sum of values run over positions in ascending order. Four
+    positions' scores are computed side by side, as four independent sums.
     """
     n_rows, n_head, head_dim = q.shape
     out = np.empty_like(q)
@@ -98,26 +221,38 @@ def decode_attention(q, k_cache, v_cache, slots, lengths):  # pragma: no cover -
     for task in prange(n_rows * n_head):
         r = task // n_head
         h = task % n_head
-        s = slots[r]
         n = lengths[r]
+        keys, values = k_cache[slots[r], h], v_cache[slots[r], h]  # [n_ctx, D]
+        qh, oh = q[r, h], out[r, h]  # [D]
         scores = np.empty(n, np.float32)
+        n4 = n - n % 4
+        for t in range(0, n4, 4):
+            k0, k1, k2, k3 = keys[t], keys[t + 1], keys[t + 2], keys[t + 3]  # [D] each
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for d in range(head_dim):
+                s0 += qh[d] * k0[d]
+                s1 += qh[d] * k1[d]
+                s2 += qh[d] * k2[d]
+                s3 += qh[d] * k3[d]
+            scores[t], scores[t + 1], scores[t + 2], scores[t + 3] = s0, s1, s2, s3
+        for t in range(n4, n):
+            s = np.float32(0.0)
+            for d in range(head_dim):
+                s += qh[d] * keys[t, d]
+            scores[t] = s
         best = np.float32(-np.inf)
         for t in range(n):
-            dot = np.float32(0.0)
-            for d in range(head_dim):
-                dot += q[r, h, d] * k_cache[s, h, t, d]
-            scores[t] = dot * scale
+            scores[t] *= scale
             best = max(best, scores[t])
         denom = np.float32(0.0)
         for t in range(n):
             scores[t] = math.exp(scores[t] - best)
             denom += scores[t]
-        for d in range(head_dim):
-            out[r, h, d] = 0.0
+        oh[:] = 0.0
         for t in range(n):
-            p = scores[t]
+            p, vt = scores[t], values[t]  # [D]
             for d in range(head_dim):
-                out[r, h, d] += p * v_cache[s, h, t, d]
+                oh[d] += p * vt[d]
         for d in range(head_dim):
-            out[r, h, d] /= denom
+            oh[d] /= denom
     return out

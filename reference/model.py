@@ -7,8 +7,8 @@ H = n_head, D = head_dim, V = vocab_size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -62,14 +62,24 @@ def prefill(weights: GPT2Weights, config: GPTConfig, cache: KVSlots, slot: int, 
     return (x @ weights.head.T)[0]  # [1, C] @ [C, V] -> [V]
 
 
+def as_is(w: np.ndarray) -> np.ndarray:
+    return w
+
+
 @dataclass(frozen=True, slots=True)
 class DecodeOps:
-    """The four operations of a decode step that see more than one request."""
+    """The four operations of a decode step that see more than one request.
+
+    ``prepare`` turns a [K, N] weight into the form ``linear`` reads fastest
+    (the invariant kernels pack it into column tiles); it runs once per weight,
+    when a backend is built. ``linear`` also takes a plain [K, N] array.
+    """
 
     linear: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
     layer_norm: Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
     gelu: Callable[[np.ndarray], np.ndarray]
     attention: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+    prepare: Callable[[np.ndarray], object] = as_is
 
 
 def blas_decode_attention(q, k_cache, v_cache, slots, lengths):
@@ -83,9 +93,24 @@ def blas_decode_attention(q, k_cache, v_cache, slots, lengths):
 
 
 INVARIANT_OPS = DecodeOps(
-    invariant.matmul_rows, invariant.layer_norm_rows, invariant.gelu_rows, invariant.decode_attention
-)
+    invariant.matmul_rows, invariant.layer_norm_rows, invariant.gelu_rows, invariant.decode_attention,
+    prepare=invariant.pack_weight,
+)  # fmt: skip
 BLAS_OPS = DecodeOps(ops.linear, ops.layer_norm, ops.gelu, blas_decode_attention)
+
+
+def prepare_weights(weights: GPT2Weights, dops: DecodeOps) -> GPT2Weights:
+    """``weights`` with every block's linear weights passed through ``dops.prepare``; the rest shared."""
+
+    def prepared(layer: Linear) -> Linear:
+        return Linear(dops.prepare(layer.w), layer.b)
+
+    blocks = [
+        replace(b, c_attn=prepared(b.c_attn), attn_proj=prepared(b.attn_proj), c_fc=prepared(b.c_fc),
+                mlp_proj=prepared(b.mlp_proj))
+        for b in weights.blocks
+    ]  # fmt: skip
+    return replace(weights, blocks=blocks)
 
 
 def decode(
@@ -102,7 +127,8 @@ def decode(
 
     Request b writes its K and V at ``positions[b]`` of slot ``slots[b]`` and
     attends over positions 0..positions[b] of that slot. ``head`` is the LM
-    head as a [C, V] linear layer.
+    head as a [C, V] linear layer. The linear weights may be in the form
+    ``dops.prepare`` makes (see ``prepare_weights``).
     """
     eps, n_head = config.layer_norm_epsilon, config.n_head
     lengths = positions + 1
