@@ -20,11 +20,8 @@ another: the price of the traffic itself.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
@@ -33,7 +30,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results_file import machine, today, write_section  # noqa: E402
+
 VARIANTS = {  # key: (what the table calls it, ranks, threads per rank, launch options)
     "1": ("1 rank", 1, 1, {}),
     "2": ("2 ranks (vocab-parallel, rank-order sum)", 2, 1, {}),
@@ -108,12 +108,6 @@ def run_variant(name: str, args: argparse.Namespace) -> list[dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def cpu_model() -> str:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    found = re.search(r"Model name:\s*(.+)", lscpu)
-    return f"{found.group(1).strip() if found else platform.processor()}, {os.cpu_count()} cores"
-
-
 def table(best: dict[str, list[dict]], batches: list[int]) -> str:
     base = {r["batch"]: r["tokens_per_s"] for r in best["1"]}
     lines = ["| variant | batch | step (ms) | tokens/s | vs 1 rank | time in MPI per rank | MPI calls alone (ms) |",
@@ -124,18 +118,6 @@ def table(best: dict[str, list[dict]], batches: list[int]) -> str:
             lines.append(f"| {VARIANTS[name][0]} | {r['batch']} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:.1f} "
                          f"| {r['tokens_per_s'] / base[r['batch']]:.2f}x | {share} | {1e3 * r['traffic_s']:.2f} |")  # fmt: skip
     return "\n".join(lines)
-
-
-def write_section(body: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (other sections belong to other benchmarks)."""
-    begin, end = "<!-- tp_scaling:begin -->", "<!-- tp_scaling:end -->"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Measured results\n"
-    block = f"{begin}\n{body.strip()}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
 
 
 def main() -> None:
@@ -168,13 +150,12 @@ def main() -> None:
     command = "python benchmarks/tp_scaling.py " + " ".join(sys.argv[1:])
     body = (
         f"## Tensor parallelism on CPU ranks (`{args.model}`)\n\n"
-        f"Command: `{command.strip()}`  \nMachine: {cpu_model()}, Python {platform.python_version()}  \n"
-        f"Date: {datetime.date.today().isoformat()}  \n"
+        f"Command: `{command.strip()}`  \nMachine: {machine()}  \nDate: {today()}  \n"
         f"Decode step at position {args.position}, one BLAS and one Numba thread per rank unless named; "
         f"best of {args.rounds} rounds of the median of {args.steps} steps.\n\n{figures}\n"
     )
     if not args.no_write:
-        write_section(body)
+        write_section("tp_scaling", body)
 
 
 if __name__ == "__main__":

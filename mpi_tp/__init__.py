@@ -8,6 +8,24 @@
         ...engine or reference.generate(backend, ...)...
         backend.close()
 
+From the command line (rank 0 prints; every rank computes its shard):
+
+    mpiexec -n 2 flover bench --tp --policy fused ...
+    mpiexec -n 2 python -m mpi4py -m flover.cli generate --tp ...   # -m mpi4py: abort on any error
+
+Across nodes, with MPICH's launcher (hydra), passwordless ssh and the same
+virtual environment at the same path on every node:
+
+    $ cat hosts
+    node1:2
+    node2:2
+    $ mpiexec -f hosts -n 4 python -m mpi4py -m flover.cli bench --tp ...
+
+A rank that waits (for a reduction, or for rank 0's next command) polls and
+keeps its core busy, so give each rank a core of its own and one thread
+(``OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1``); with more ranks than cores,
+MPICH's ``MPIR_CVAR_POLLS_BEFORE_YIELD`` makes a waiting rank yield its core.
+
 Files: ``shard.py`` (which rows and columns each rank keeps), ``comm.py`` (the
 broadcasts, the reduction after each RowParallelLinear, the gather of logits),
 ``model.py`` (one rank's forward), ``backend.py`` (rank 0's Backend and the

@@ -106,6 +106,8 @@ class TPBackend:
     def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         step = np.stack([np.asarray(a, np.int64).reshape(-1) for a in (slots, tokens, positions)])  # [3, B]
         self._check_slots(step[0])
+        if len(set(step[0].tolist())) != step.shape[1]:
+            raise ValueError(f"a decode step takes each slot once, got slots {step[0].tolist()}")
         self._check_tokens(step[1])
         if step.shape[1] and not (0 <= step[2].min() and step[2].max() < self.config.n_ctx):
             raise ValueError(f"decode positions must lie in 0..{self.config.n_ctx - 1}, got {step[2].tolist()}")

@@ -11,9 +11,11 @@ The same forward as ``reference.model``, line for line, except that
   none elsewhere when it is replicated).
 
 The decode step uses the batch-invariant kernels of ``reference.invariant``
-and the reduction sums in rank order (see ``mpi_tp/comm.py``), so a request's
-logits do not depend on the other requests in its step: TP fused == TP serial,
-bitwise. The prefill runs one request alone and may use BLAS.
+(through ``reference.model.INVARIANT_OPS``, its weights packed once by
+``DecodeOps.prepare``) and the reduction sums in rank order (see
+``mpi_tp/comm.py``), so a request's logits do not depend on the other requests
+in its step: TP fused == TP serial, bitwise. The prefill runs one request
+alone and may use BLAS, on the plain weights.
 
 Shapes: T prompt tokens, B requests, C = n_embd, Hp = heads per partition,
 D = head_dim, M = d_mlp / N, V_r = this rank's vocabulary columns.
@@ -21,12 +23,13 @@ D = head_dim, M = d_mlp / N, V_r = this rank's vocabulary columns.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
 
 from mpi_tp.comm import TPComm
-from mpi_tp.shard import ColumnParallelLinear, RowParallelLinear, ShardWeights
+from mpi_tp.shard import ColumnParallelLinear, RowParallelLinear, ShardBlock, ShardWeights
 from reference import GPTConfig, KVSlots, ops
 from reference.model import INVARIANT_OPS, DecodeOps
 
@@ -59,6 +62,8 @@ class NumpyShard:
         # The KV cache of Hp heads has the layout of a model with Hp heads of the same head_dim.
         local = config.with_(n_head=shard.n_head, n_embd=shard.n_head * config.head_dim)
         self.cache = KVSlots(local, n_slots)  # k, v: [n_layer, n_slots, Hp, n_ctx, D]
+        self.decode_blocks = [prepare_block(block, dops.prepare) for block in shard.blocks]  # packed once
+        self.decode_head = dops.prepare(shard.head_w)  # [C, V_r]
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         """VocabParallelEmbedding: [n] -> [n, C]; only the owning rank adds a nonzero row, so the sum is exact."""
@@ -99,7 +104,7 @@ class NumpyShard:
         w, d, eps, n = self.w, self.dops, self.config.layer_norm_epsilon, len(slots)
         lengths = positions + 1
         x = self.embed(tokens) + w.wpe[positions]  # [B, C]
-        for i, block in enumerate(w.blocks):
+        for i, block in enumerate(self.decode_blocks):
             h = d.layer_norm(x, block.ln_1.g, block.ln_1.b, eps)  # [B, C]
             qkv = self.column_parallel(h, block.c_attn, d.linear)  # [B, C] -> [B, 3 * Hp * D]
             q, k, v = (t.reshape(n, w.n_head, -1) for t in np.split(qkv, 3, axis=-1))  # 3 x [B, Hp, D]
@@ -111,7 +116,17 @@ class NumpyShard:
             h = d.gelu(self.column_parallel(h, block.c_fc, d.linear))  # [B, C] -> [B, M]
             x = x + self.row_parallel(h, block.mlp_proj, d.linear)  # [B, M] -> [B, C]
         x = d.layer_norm(x, w.ln_f.g, w.ln_f.b, eps)  # [B, C]
-        return d.linear(x, w.head_w, w.head_zero)  # [B, C] @ [C, V_r] -> [B, V_r]
+        return d.linear(x, self.decode_head, w.head_zero)  # [B, C] @ [C, V_r] -> [B, V_r]
 
     def move_slots(self, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray) -> None:
         self.cache.move(src, dst, lengths)
+
+
+def prepare_block(block: ShardBlock, prepare) -> ShardBlock:
+    """``block`` with its four weights in the form the decode ``linear`` reads fastest; the rest shared."""
+
+    def prepared(layer):
+        return replace(layer, w=prepare(layer.w))
+
+    return replace(block, c_attn=prepared(block.c_attn), attn_proj=prepared(block.attn_proj),
+                   c_fc=prepared(block.c_fc), mlp_proj=prepared(block.mlp_proj))  # fmt: skip

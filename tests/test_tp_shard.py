@@ -78,6 +78,8 @@ def test_bad_requests_raise_on_rank0_before_any_broadcast():
         tp.decode(np.array([2]), one, one)
     with pytest.raises(ValueError, match="token id 97 is outside the vocabulary 0..96"):
         tp.prefill(0, np.array([1, 97]))
+    with pytest.raises(ValueError, match="each slot once"):
+        tp.decode(np.array([1, 1]), np.array([0, 0]), np.array([0, 0]))
     with pytest.raises(ValueError, match="positions must lie in 0..63"):
         tp.decode(one, one, np.array([64]))
     with pytest.raises(ValueError, match="distinct holes"):
