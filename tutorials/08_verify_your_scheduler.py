@@ -24,45 +24,15 @@
 # pass.
 
 # %% [markdown]
-# The helpers of lesson 2: `OUT`, `show(fig, name)` and `show_file(path)`
-# for pictures, and one thread per process.
+# This lesson draws no pictures; it only asks for one thread per process, as
+# lesson 2 did, since it runs many small decode steps.
 
 # %%
 # ruff: noqa: E402  (each cell imports what it first uses, as a reader meets it)
 import os
 
-# One thread per process, set before NumPy and Numba load: on a small model and a
-# busy machine, parallel kernels spend more time waiting for each other than
-# computing, and timings jump. Set these variables yourself to use more threads.
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-from pathlib import Path
-
-import matplotlib.pyplot as plt
-import numpy as np
-
-OUT = Path(os.environ.get("FLOVER_TUTORIAL_OUT", "out/tutorials"))
-OUT.mkdir(parents=True, exist_ok=True)
-
-
-def show_file(path: Path) -> Path:
-    try:
-        from IPython import get_ipython
-        from IPython.display import Image, display
-    except ImportError:
-        return path
-    if get_ipython() is not None:
-        display(Image(filename=str(path)))
-    return path
-
-
-def show(fig, name: str) -> Path:
-    path = OUT / name
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return show_file(path)
-
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")  # before Numba loads
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy loads
 
 # %% [markdown]
 # ## A model made for testing
@@ -78,6 +48,8 @@ def show(fig, name: str) -> Path:
 # mix-up shows.
 
 # %%
+import numpy as np
+
 from reference import GPTConfig, NumpyBackend, generate, init_weights
 
 config = GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=97, n_ctx=64)
