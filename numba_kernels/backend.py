@@ -10,17 +10,23 @@ its step, and a drop-in for ``reference.NumpyBackend`` in fused decoding.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numpy as np
 from numba import cuda
 
 from numba_kernels import elementwise as ew
 from numba_kernels.attention import attention, store_kv
-from numba_kernels.device import require_cuda
+from numba_kernels.device import require_cuda, simulated
 from numba_kernels.dispatch import Dispatch
 from numba_kernels.shuffle import move_slots
 from reference.config import GPTConfig
 from reference.kv import KVSlots
 from reference.weights import Block, GPT2Weights, LayerNorm, Linear
+
+
+SIMULATOR_LOCK = threading.Lock()  # the simulator runs one kernel at a time, whatever the thread
 
 
 def weights_to_device(weights: GPT2Weights) -> tuple[GPT2Weights, Linear]:
@@ -72,6 +78,7 @@ class NumbaBackend:
         self.v = cuda.device_array(shape, np.float32)
         self.slot_lengths = cuda.to_device(np.zeros(n_slots, np.int32))  # per-slot state: positions cached
         self.work = Workspace(config, max(n_slots, config.n_ctx), n_slots)
+        self._serial = SIMULATOR_LOCK if simulated() else contextlib.nullcontext()  # instances run in threads
 
     # ------------------------------------------------------------ the protocol
 
@@ -83,8 +90,9 @@ class NumbaBackend:
         if not 1 <= n <= self.config.n_ctx:
             raise ValueError(f"a prompt needs 1..{self.config.n_ctx} tokens (n_ctx), got {n}")
         positions = np.arange(n)
-        x = self._layers(tokens, positions, np.full(n, slot), positions + 1)
-        return self._logits(x[n - 1 : n])[0]
+        with self._serial:
+            x = self._layers(tokens, positions, np.full(n, slot), positions + 1)
+            return self._logits(x[n - 1 : n])[0]
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One fused step: token b at positions[b] of slot slots[b]; -> [B, V] logits."""
@@ -99,13 +107,15 @@ class NumbaBackend:
             raise ValueError(f"a decode step takes each slot once, got slots {slots.tolist()}")
         if positions.min() < 0 or positions.max() >= self.config.n_ctx:
             raise ValueError(f"positions must be in 0..{self.config.n_ctx - 1} (n_ctx), got {positions.tolist()}")
-        return self._logits(self._layers(tokens, positions, slots, positions + 1))
+        with self._serial:
+            return self._logits(self._layers(tokens, positions, slots, positions + 1))
 
     def move_slots(self, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray | None = None) -> None:
         """The memory shuffle: copy the first lengths[i] positions (all, if None) of src[i] into dst[i]."""
         src = np.asarray(src, np.int64)
         lengths = np.full(src.shape, self.config.n_ctx) if lengths is None else lengths
-        move_slots(self.k, self.v, self.slot_lengths, src, dst, lengths)
+        with self._serial:
+            move_slots(self.k, self.v, self.slot_lengths, src, dst, lengths)
 
     # ------------------------------------------------------------ on the device
 

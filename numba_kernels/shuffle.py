@@ -44,18 +44,29 @@ def move_slots_kernel(k, v, slot_lengths, src, dst, lengths, d_head):  # pragma:
 
 def move_slots(k, v, slot_lengths, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray, stream=0) -> None:
     """k, v [L, n_slots, H, n_ctx, D] on the device; src, dst, lengths [P] on the host."""
-    n_layer, n_slots, n_head, n_ctx, d_head = k.shape
+    plan = upload_plan(src, dst, lengths, k.shape[1], k.shape[3], stream)
+    if plan is not None:
+        launch_move(k, v, slot_lengths, plan, int(np.max(lengths)), stream)
+
+
+def upload_plan(src: np.ndarray, dst: np.ndarray, lengths: np.ndarray, n_slots: int, n_ctx: int, stream=0):
+    """Check a shuffle plan and copy it to the device as [3, P] int32 (src, dst, lengths); None if empty."""
     src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
     check_move(src, dst, n_slots)
     lengths = np.asarray(lengths, np.int64)
     if lengths.shape != src.shape or (lengths.size and (lengths.min() < 0 or lengths.max() > n_ctx)):
         raise ValueError(f"move lengths must be one per pair, each in 0..{n_ctx}, got {lengths.tolist()}")
     if src.size == 0:
-        return
-    plan = cuda.to_device(np.stack([src, dst, lengths]).astype(np.int32), stream=stream)  # [3, P]
+        return None
+    return cuda.to_device(np.stack([src, dst, lengths]).astype(np.int32), stream=stream)
+
+
+def launch_move(k, v, slot_lengths, plan, max_length: int, stream=0) -> None:
+    """One launch for every pair of an uploaded plan; max_length: the longest pair's positions."""
+    n_layer, n_slots, n_head, n_ctx, d_head = k.shape
     flat = (n_layer, n_slots, n_head, n_ctx * d_head)
-    run = int(lengths.max()) * d_head  # the longest pair's floats per (layer, head)
-    grid = (max(1, cdiv(run, CHUNK)), n_layer * n_head, src.size)
+    run = max_length * d_head  # the longest pair's floats per (layer, head)
+    grid = (max(1, cdiv(run, CHUNK)), n_layer * n_head, plan.shape[1])
     move_slots_kernel[grid, block_threads(run, THREADS), stream](
         k.reshape(*flat), v.reshape(*flat), slot_lengths, plan[0], plan[1], plan[2], d_head
     )
