@@ -1,8 +1,14 @@
 """GPT-2 on a CUDA GPU with Numba kernels a reader can follow, checked on the CPU by Numba's CUDA simulator.
 
-One kernel per file, its versions in the file's header: ``gemm`` (naive, tiled,
-gemv) with ``dispatch`` and ``tune``; ``attention``; ``elementwise``; the
-memory ``shuffle``; and ``NumbaBackend``, the Backend protocol over them.
+One kernel per file, its versions in the file's header:
+
+- ``gemm``: naive, tiled (shared memory, register blocking) and GEMV; ``dispatch``
+  picks one per shape from the table ``tune`` writes. All bitwise equal.
+- ``attention``: decode attention over the KV slots, causal prefill, the K/V store.
+- ``elementwise``: embedding, layer norm, GELU, residual add (``reduce``: fixed-order block sums).
+- ``shuffle``: the memory shuffle's copy, every pair and layer in one launch.
+- ``backend``: ``NumbaBackend``, the Backend protocol of ``reference/backend.py`` over them.
+- ``device``: ``require_cuda`` and ``NoCudaError``; ``timing``: GPU time without launch overhead.
 """
 
 from numba_kernels.backend import NumbaBackend

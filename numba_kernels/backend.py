@@ -25,7 +25,6 @@ from reference.config import GPTConfig
 from reference.kv import KVSlots
 from reference.weights import Block, GPT2Weights, LayerNorm, Linear
 
-
 SIMULATOR_LOCK = threading.Lock()  # the simulator runs one kernel at a time, whatever the thread
 
 
