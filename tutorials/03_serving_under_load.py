@@ -205,7 +205,8 @@ print("all four policies returned, for every request, the tokens of reference.ge
 # `run.stats.steps` lists every decode step as a `Step(start_s, end_s, batch,
 # width)`: `batch` requests got a token from it and `width` slots were
 # computed. The two differ when a step computes rows nobody needs (the
-# padding of dynamic batching here, holes in lesson 4).
+# padding of dynamic batching here, holes in lesson 4). `run.config` is the
+# run's `PolicyConfig`, whose `label` names it in tables and plots.
 
 
 # %%

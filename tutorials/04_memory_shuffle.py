@@ -220,8 +220,8 @@ print(f"shuffle_plan uses the fewest moves on all {checked} slot maps of 1 to 8 
 # ## Moving a slot moves a request
 #
 # A move must carry everything that belongs to the request: the K and V of
-# every layer (and, in the engine, its length, position and sampler, which
-# live with its `Sequence` record). `backend.move_slots(src, dst, lengths)`
+# every layer (and, in the engine, its position and its sampler, which the
+# engine keeps in its record of the request and moves along with the slot). `backend.move_slots(src, dst, lengths)`
 # copies the first `lengths[i]` positions of slot `src[i]` into slot
 # `dst[i]`, in every layer; it costs `2 * n_layer * n_head * head_dim * 4`
 # bytes per position.

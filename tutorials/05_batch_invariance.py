@@ -167,7 +167,8 @@ assert not np.array_equal(solo, batched)
 # ## The fix: a reduction order fixed by the row alone
 #
 # flover's default decode path (`invariant=True`) runs on the kernels of
-# `reference.invariant`, compiled with Numba. Their rule: every number a
+# `reference.invariant`, written as plain Python loops and compiled to
+# machine code by Numba. Their rule: every number a
 # request gets is computed by a loop whose order depends only on that
 # request's own sizes (K, n_embd, its own length), never on the batch.
 #

@@ -180,7 +180,10 @@ with warnings.catch_warnings():
 # for every trace. Hypothesis's `@given(strategy)` turns a function of one
 # trace into a test over many traces (`settings(max_examples=...)` says how
 # many; `derandomize=True` makes the run repeatable and `database=None`
-# keeps it from saving failures to disk). When a trace fails, Hypothesis
+# keeps it from saving failures to disk; Hypothesis also warns when examples
+# are slow to run, and ours run a model, so `deadline=None` and the
+# `too_slow` health check are switched off, as in flover's own tests). When a
+# trace fails, Hypothesis
 # **shrinks** it: it tries smaller and simpler traces until it has the
 # smallest one that still fails, and reports that one.
 
