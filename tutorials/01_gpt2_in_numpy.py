@@ -133,7 +133,7 @@ assert np.array_equal(weights.head, weights.wte)  # the LM head is tied to the t
 # vocabulary each id is simply one UTF-8 byte.
 
 # %%
-text = "def add(a, b):\n    return a"
+text = "class Point:\n    def __init__(self"
 tokens = np.array(tokenizer.encode(text))  # [T]
 T = len(tokens)
 print(T, "tokens:", tokens.tolist())

@@ -79,7 +79,7 @@ from flover.loading import resolve
 from reference import forward
 
 config, weights, tokenizer = resolve(None)
-prompt = np.array(tokenizer.encode("def fibonacci(n):\n"))  # [P]
+prompt = np.array(tokenizer.encode("class Point:\n    def __repr__(self):\n"))  # [P]
 P, N = len(prompt), 32  # prompt length, tokens to generate
 
 

@@ -87,12 +87,12 @@ from flover.trace import poisson_trace
 
 config, weights, tokenizer = resolve(None)
 RATE, N_REQUESTS = 200.0, 24  # requests per second; a burst that no serial server keeps up with
-trace = poisson_trace(RATE, N_REQUESTS, prompt_len=(8, 32), output_len=(16, 64), seed=3, vocab_size=config.vocab_size)
+trace = poisson_trace(RATE, N_REQUESTS, prompt_len=(4, 16), output_len=(24, 72), seed=3, vocab_size=config.vocab_size)
 for r in trace[:3]:
     print(f"id {r.id}: arrives at {r.arrival_s * 1e3:6.1f} ms, prompt of {len(r.prompt_ids)}, {r.max_new_tokens} new tokens")
 arrivals = np.array([r.arrival_s for r in trace])
 assert isinstance(trace[0], Request) and arrivals[0] == 0 and np.all(np.diff(arrivals) >= 0)
-assert all(8 <= len(r.prompt_ids) <= 32 and 16 <= r.max_new_tokens <= 64 for r in trace)
+assert all(4 <= len(r.prompt_ids) <= 16 and 24 <= r.max_new_tokens <= 72 for r in trace)
 
 # %% [markdown]
 # A longer trace shows the distribution: gaps follow the exponential curve,
