@@ -192,7 +192,7 @@ from hypothesis import HealthCheck, find, given, settings
 
 SETTINGS = settings(max_examples=40, derandomize=True, database=None, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
-N_SLOTS = 3
+N_SLOTS = 2
 
 
 def check_scheduler(scheduler) -> None:
