@@ -324,6 +324,15 @@ assert wall_latency["fused"] < wall_latency["serial"]
 assert wall["fused"].metrics["makespan_s"] < wall["serial"].metrics["makespan_s"]
 
 # %% [markdown]
+# One thing to look for in the fused timeline: before each fused step the
+# engine prefills every request that has arrived by then. When a prefill
+# takes about as long as the gap between arrivals (on a busy machine it can),
+# newcomers keep arriving during the prefills, and the running batch waits
+# for all of them: the first steps start late and the early requests show
+# long grey bars. Flover avoids that by running prefills on a separate GPU
+# stream while the batch keeps decoding.
+
+# %% [markdown]
 # ## What we have
 #
 # - A **policy** decides which requests share a decode step and when each
