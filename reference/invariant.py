@@ -39,13 +39,35 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from numba import carray, njit, prange, types
 from numba.core import cgutils
+from numba.core.codegen import get_host_cpu_features
+from numba.core.registry import cpu_target
 from numba.extending import intrinsic
 
-TILE_N = 64  # output columns per tile: 4 AVX-512 vectors; under 64 LLVM unrolls instead of vectorising
-TILE_ROWS = 4  # batch rows per micro-kernel: 4 x 4 = 16 vector accumulators
+
+def use_512_bit_vectors() -> bool:
+    """Let LLVM use 512-bit vectors on an AVX-512 CPU, where its tuning prefers 256-bit ones.
+
+    Numba fixes its CPU features for the whole process when it first compiles,
+    so this takes effect only if this module is imported before any Numba CPU
+    code is compiled; NUMBA_CPU_NAME and NUMBA_CPU_FEATURES, when set, win.
+    Returns whether 512-bit vectors are in effect. The width changes speed,
+    never results: lanes are separate sums.
+    """
+    if numba.config.CPU_NAME is None and numba.config.CPU_FEATURES is None:
+        host = get_host_cpu_features()
+        if "+avx512f" in host.split(","):
+            numba.config.CPU_FEATURES = host + ",-prefer-256-bit"
+    features = cpu_target.target_context.codegen().magic_tuple()[2].split(",")
+    return "+avx512f" in features and "-prefer-256-bit" in features
+
+
+WIDE_VECTORS = use_512_bit_vectors()
+TILE_N = 64  # output columns per tile; below 64 LLVM unrolls the column loop instead of vectorising it
+TILE_ROWS = 4 if WIDE_VECTORS else 2  # 16 vector accumulators: 4 rows x 4 zmm, or 2 rows x 8 ymm
 TILE_SIZE = TILE_ROWS * TILE_N  # a constant, so the accumulators can live on the stack
 ALIGN = 64  # bytes: a cache line, so a 16-float vector load never straddles two
 
@@ -175,7 +197,7 @@ def tanh_f32(v):  # pragma: no cover - compiled
 
     Plain arithmetic, so a loop over it vectorises; ``math.tanh`` is a libm call per element.
     """
-    x = min(max(v, np.float32(-7.90531110763549805)), np.float32(7.90531110763549805))  # tanh is +-1 beyond
+    x = min(max(v, np.float32(-9.0)), np.float32(9.0))  # beyond +-9, float32 tanh is +-1, and so is this
     x2 = x * x
     p = x2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
     p = x2 * p + np.float32(-8.60467152213735e-11)
