@@ -18,16 +18,20 @@ Speed without breaking that rule (``matmul_rows``):
 
 - Parallelism splits the *output columns* into tiles of ``TILE_N`` over
   threads; an element is still summed by one thread.
-- SIMD runs across output columns: 16 neighbouring columns are 16 separate
-  sums advanced in lockstep, which reorders nothing.
+- SIMD runs across output columns: 16 neighbouring columns (one 512-bit
+  vector) are 16 separate sums advanced in lockstep, which reorders nothing.
 - Register blocking: a micro-kernel computes a block of ``TILE_ROWS`` rows by
   ``TILE_N`` columns with its accumulators on the stack, which LLVM keeps in
-  vector registers for the whole K loop; each weight vector loaded serves
+  16 vector registers for the whole K loop; each weight vector loaded serves
   ``TILE_ROWS`` rows. The batch is padded with zero rows to a multiple of
   ``TILE_ROWS``, so every row, the last one included, takes the same path.
 - The weight is packed once (``pack_weight``) into column tiles
   [N / TILE_N, K, TILE_N], so the micro-kernel reads one contiguous,
   64-byte aligned stream.
+
+The vector width and ``TILE_ROWS`` depend on the CPU (see
+``use_512_bit_vectors``) and change the speed only: an element's sum is the
+same sequence of FMAs in any case.
 
 What never happens: ``fastmath`` beyond ``contract`` (which only fuses a
 multiply and an add into one FMA), a split of K, or a code path chosen by the
@@ -97,11 +101,10 @@ def pack_weight(w: np.ndarray) -> PackedWeight:
     """[K, N] -> column tiles [ceil(N / TILE_N), K, TILE_N], done once per weight."""
     k_dim, n_out = w.shape
     n_tiles = -(-n_out // TILE_N)
+    padded = np.zeros((k_dim, n_tiles * TILE_N), np.float32)  # [K, N_pad]
+    padded[:, :n_out] = w
     tiles = aligned_empty((n_tiles, k_dim, TILE_N))
-    tiles[...] = 0.0
-    for t in range(n_tiles):
-        cols = w[:, t * TILE_N : (t + 1) * TILE_N]  # [K, <=TILE_N]
-        tiles[t, :, : cols.shape[1]] = cols
+    tiles[...] = padded.reshape(k_dim, n_tiles, TILE_N).transpose(1, 0, 2)
     return PackedWeight(tiles, n_out)
 
 
@@ -109,7 +112,8 @@ def matmul_rows(x: np.ndarray, w: np.ndarray | PackedWeight, b: np.ndarray) -> n
     """[B, K] @ [K, N] + [N] -> [B, N], each element summed over ascending k.
 
     ``w`` is a packed weight, or a plain [K, N] array that is packed on the fly
-    (same result, but the packing costs a copy of the weight per call).
+    (same result, but the packing costs a copy of the weight per call). The
+    result is a view into a [B_pad, N_pad] array.
     """
     if not isinstance(w, PackedWeight):
         w = pack_weight(np.asarray(w, np.float32))
