@@ -8,10 +8,16 @@ One kernel per file, its versions in the file's header:
 - ``elementwise``: embedding, layer norm, GELU, residual add (``reduce``: fixed-order block sums).
 - ``shuffle``: the memory shuffle's copy, every pair and layer in one launch.
 - ``backend``: ``NumbaBackend``, the Backend protocol of ``reference/backend.py`` over them.
-- ``device``: ``require_cuda`` and ``NoCudaError``; ``timing``: GPU time without launch overhead.
+- ``device``: ``require_cuda`` and ``NoCudaError``; ``timing``: GPU time without launch overhead;
+  ``simulator``: a race in Numba's CUDA simulator closed, for CI.
 """
 
 from numba_kernels.backend import NumbaBackend
-from numba_kernels.device import NO_CUDA, NoCudaError, cuda_available, require_cuda
+from numba_kernels.device import NO_CUDA, NoCudaError, cuda_available, require_cuda, simulated
+
+if simulated():
+    from numba_kernels.simulator import guard_shared_arrays
+
+    guard_shared_arrays()
 
 __all__ = ["NO_CUDA", "NoCudaError", "NumbaBackend", "cuda_available", "require_cuda"]

@@ -7,9 +7,6 @@ kernel source, so CI checks the kernels without a GPU.
 
 from __future__ import annotations
 
-import contextlib
-import sys
-
 from numba import config, cuda
 
 NO_CUDA = "no CUDA GPU and NUMBA_ENABLE_CUDASIM is not set"
@@ -45,18 +42,3 @@ def device_name() -> str:
     name = cuda.get_current_device().name
     return name.decode() if isinstance(name, bytes) else str(name)
 
-
-@contextlib.contextmanager
-def quick_switching(interval_s: float = 1e-4):
-    """Let the simulator's threads trade the GIL every ``interval_s`` instead of every 5 ms.
-
-    The simulator runs a block's threads as Python threads and polls them at
-    every barrier; at the default switch interval a barrier costs milliseconds.
-    Tests wrap themselves in this; on a GPU it changes nothing that matters.
-    """
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(interval_s)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)

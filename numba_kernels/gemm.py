@@ -193,6 +193,8 @@ def launch(variant: Variant, x, w, b, out, stream=0) -> None:
         gemm_naive[(cdiv(n, p[0]), m), p[0], stream](x, w, b, out)
     elif variant.kernel == "tiled":
         bm, bn, bk, tm, tn = p
+        if bm % tm or bn % tn or (bm // tm) * (bn // tn) > 1024:
+            raise ValueError(f"tile {variant}: TM must divide BM, TN divide BN, and (BM/TM)(BN/TN) <= 1024 threads")
         tiled_kernel(*p)[(cdiv(n, bn), cdiv(m, bm)), (bn // tn, bm // tm), stream](x, w, b, out)
     elif variant.kernel == "gemv":
         threads, rows = p

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from numba import cuda
 
 from numba_kernels.attention import attention, prefill_attention, store_kv
-from numba_kernels.device import NO_CUDA, cuda_available, quick_switching
+from numba_kernels.device import NO_CUDA, cuda_available
+from numba_kernels.simulator import quick_switching
 from reference import ops
 from reference.model import blas_decode_attention
 

@@ -13,7 +13,7 @@ from flover.request import Request
 from flover.runner import PolicyConfig, run_policy
 from flover.testing import traces
 from numba_kernels import NO_CUDA, NoCudaError, NumbaBackend, cuda_available
-from numba_kernels.device import quick_switching
+from numba_kernels.simulator import quick_switching
 from reference import GPTConfig, NumpyBackend, generate, init_weights
 from reference.backend import Backend
 

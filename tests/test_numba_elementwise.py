@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from numba import cuda
 
 from numba_kernels import elementwise as ew
-from numba_kernels.device import NO_CUDA, cuda_available, quick_switching
+from numba_kernels.device import NO_CUDA, cuda_available
+from numba_kernels.simulator import quick_switching
 from reference import ops
 
 pytestmark = pytest.mark.skipif(not cuda_available(), reason=NO_CUDA)

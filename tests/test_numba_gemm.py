@@ -11,9 +11,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from numba import cuda
 
-from numba_kernels.device import NO_CUDA, cuda_available, quick_switching
+from numba_kernels.device import NO_CUDA, cuda_available
 from numba_kernels.dispatch import Dispatch, default_variant, load_table, save_table
 from numba_kernels.gemm import GEMV_K_CHUNK, Variant, launch
+from numba_kernels.simulator import quick_switching
 
 pytestmark = pytest.mark.skipif(not cuda_available(), reason=NO_CUDA)
 

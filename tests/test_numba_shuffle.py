@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda
 
-from numba_kernels.device import NO_CUDA, cuda_available, quick_switching
+from numba_kernels.device import NO_CUDA, cuda_available
 from numba_kernels.shuffle import move_slots
+from numba_kernels.simulator import quick_switching
 from reference import GPTConfig, KVSlots
 
 pytestmark = pytest.mark.skipif(not cuda_available(), reason=NO_CUDA)
