@@ -28,6 +28,13 @@ def small_model():
     return CONFIG, init_weights(CONFIG, seed=1, std=0.3)
 
 
+@pytest.fixture(scope="module")
+def one_layer():
+    """For the properties of batching and slots, which one layer shows as well as two, at half the cost."""
+    config = CONFIG.with_(n_layer=1)
+    return config, init_weights(config, seed=1, std=0.3)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _quick_simulator():
     with quick_switching():
@@ -68,8 +75,8 @@ def test_logits_close_to_numpy_and_greedy_tokens_equal(small_model):
 @needs_cuda
 @settings(max_examples=2, derandomize=True)
 @given(data=st.data())
-def test_decode_rows_bitwise_equal_solo(small_model, data):
-    config, weights = small_model
+def test_decode_rows_bitwise_equal_solo(one_layer, data):
+    config, weights = one_layer
     n_slots = data.draw(st.integers(2, 3), label="slots")
     token = st.integers(0, config.vocab_size - 1)
     prompts = {s: data.draw(st.lists(token, min_size=1, max_size=4)) for s in range(n_slots)}
@@ -85,24 +92,24 @@ def test_decode_rows_bitwise_equal_solo(small_model, data):
 
 
 @needs_cuda
-def test_prefill_rows_equal_decode_rows(small_model):
+def test_prefill_rows_equal_decode_rows(one_layer):
     """Nine tokens prefilled (tiled GEMMs) give bitwise the logits of eight prefilled (GEMV, 8 rows per
     thread) and the ninth decoded (GEMV, 1 row)."""
     prompt = [4, 8, 15, 16, 23, 42, 7, 1, 60]
-    whole = NumbaBackend(*small_model).prefill(0, np.array(prompt))
-    stepped = NumbaBackend(*small_model)
+    whole = NumbaBackend(*one_layer).prefill(0, np.array(prompt))
+    stepped = NumbaBackend(*one_layer)
     stepped.prefill(0, np.array(prompt[:-1]))
     last = stepped.decode(np.array([0]), np.array(prompt[-1:]), np.array([len(prompt) - 1]))[0]
     assert np.array_equal(whole, last)
 
 
 @needs_cuda
-def test_moved_slot_decodes_as_if_it_had_been_there(small_model):
+def test_moved_slot_decodes_as_if_it_had_been_there(one_layer):
     prompts = {1: [9, 9, 2], 3: [33, 1, 60, 5]}
-    moved, _ = filled(NumbaBackend(*small_model, n_slots=4), prompts)
+    moved, _ = filled(NumbaBackend(*one_layer, n_slots=4), prompts)
     moved.move_slots(np.array([3]), np.array([0]), np.array([4]))
     assert moved.cached_lengths().tolist()[:2] == [4, 3], "the slot's state moved with it"
-    direct, _ = filled(NumbaBackend(*small_model, n_slots=4), {0: prompts[3], 1: prompts[1]})
+    direct, _ = filled(NumbaBackend(*one_layer, n_slots=4), {0: prompts[3], 1: prompts[1]})
     args = np.array([0, 1]), np.array([12, 13]), np.array([4, 3])
     assert np.array_equal(moved.decode(*args), direct.decode(*args))
 
@@ -115,9 +122,9 @@ HOLE_TRACE = [Request(0, 0.0, (3, 1, 4), 3), Request(1, 0.0, (1,), 2), Request(2
 @settings(max_examples=1, derandomize=True)
 @given(trace=traces(CONFIG.vocab_size, n_ctx=10, max_requests=3, max_arrival=3, max_new_tokens=3))
 @example(trace=HOLE_TRACE)
-def test_fused_engine_on_numba_equals_serial_bitwise(small_model, trace):
+def test_fused_engine_on_numba_equals_serial_bitwise(one_layer, trace):
     """Temporal fusion with the memory shuffle on this backend: every request's tokens and logits are serial's."""
-    make = lambda n: NumbaBackend(*small_model, n_slots=n)  # noqa: E731
+    make = lambda n: NumbaBackend(*one_layer, n_slots=n)  # noqa: E731
     serial = run_policy(PolicyConfig("serial"), make, trace, clock=VirtualClock(), keep_logits=True)
     fused = run_policy(PolicyConfig("fused", slots=3), make, trace, clock=VirtualClock(), keep_logits=True)
     if trace == HOLE_TRACE:
