@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not cuda_available(), reason=NO_CUDA)
 
 # one of each kernel, and tiles that leave partial tiles at these shapes; small blocks keep the simulator quick
 VARIANTS = [
-    ("naive", (32,)), ("tiled", (16, 16, 16, 1, 1)), ("tiled", (32, 32, 8, 2, 2)), ("tiled", (32, 16, 8, 4, 2)),
+    ("naive", (32,)), ("tiled", (16, 32, 8, 2, 4)), ("tiled", (32, 32, 8, 4, 4)), ("tiled", (32, 16, 8, 4, 2)),
     ("gemv", (32, 1)), ("gemv", (32, 4)), ("gemv", (64, 8)),
 ]  # fmt: skip
 
@@ -91,7 +91,7 @@ def test_default_rule_gemv_for_few_rows_tiled_for_many():
 
 def test_dispatch_takes_the_largest_tuned_batch_not_above(tmp_path):
     path = tmp_path / "tuning.json"
-    table = {"1x96x32": Variant("gemv", (128, 1)), "16x96x32": Variant("tiled", (32, 32, 8, 2, 2))}
+    table = {"1x96x32": Variant("gemv", (128, 1)), "16x96x32": Variant("tiled", (32, 32, 8, 4, 4))}
     save_table(table, "GPU A", path)
     save_table({"1x96x32": Variant("naive", (64,))}, "GPU B", path)
     assert load_table("GPU A", path) == table, "a device's entries survive another device's save"
@@ -99,7 +99,7 @@ def test_dispatch_takes_the_largest_tuned_batch_not_above(tmp_path):
     dispatch = Dispatch(load_table("GPU A", path))
     assert dispatch.choose(1, 96, 32) == Variant("gemv", (128, 1))
     assert dispatch.choose(15, 96, 32) == Variant("gemv", (128, 1))
-    assert dispatch.choose(64, 96, 32) == Variant("tiled", (32, 32, 8, 2, 2))
+    assert dispatch.choose(64, 96, 32) == Variant("tiled", (32, 32, 8, 4, 4))
     assert dispatch.choose(64, 97, 32) == default_variant(64, 97, 32), "an untuned (N, K) takes the default rule"
 
 
@@ -108,5 +108,7 @@ def test_bad_shapes_and_kernel_names_are_refused():
     out = cuda.device_array((2, 3), np.float32)
     with pytest.raises(ValueError, match="shapes do not fit"):
         launch(Variant("naive", (32,)), cuda.to_device(x), cuda.to_device(w[:3]), cuda.to_device(b), out)
+    with pytest.raises(ValueError, match="TM must divide BM"):
+        launch(Variant("tiled", (32, 32, 8, 3, 4)), cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), out)
     with pytest.raises(ValueError, match="unknown gemm kernel"):
         launch(Variant("cublas", ()), cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), out)
