@@ -20,6 +20,12 @@ Kernels:
   fixed by the request's own length n, D and the block size T: never by the
   batch. Positions past n are never read.
 
+One block per (query, head) means only B x H blocks: at batch 1 (12 blocks
+for GPT-2 124M) most of a large GPU idles. Splitting each query's positions
+into fixed-size chunks, combined in chunk order, would keep the order a
+function of the request's own length (still batch invariant); it is not done
+here, to keep one kernel a reader can follow.
+
 Causal prefill reuses the same kernel: query i of a prompt is a decode query
 over length i + 1, so the causal mask is implicit, and a prefill's rows are
 bitwise the rows the prompt would give decoded one token at a time.

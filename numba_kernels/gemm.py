@@ -15,10 +15,17 @@ Versions, to be read side by side (as in llm.c ``dev/cuda``):
    kernel is bound by memory bandwidth.
 
 One rule makes them interchangeable: every output element is summed by one
-thread, over k ascending, with a fused multiply-add, and the bias comes last.
-No split-K, no warp reductions. So the versions are bitwise equal for every
-tile size, ``dispatch.py`` can never change a result, and a request's row does
-not depend on the rows that share its launch (batch invariance by construction).
+thread, over k ascending, with ``cuda.fma``, and the bias comes last. No
+split-K, no warp reductions. So the versions are bitwise equal for every tile
+size, ``dispatch.py`` can never change a result, and a request's row does not
+depend on the rows that share its launch (batch invariance by construction).
+(The simulator's ``cuda.fma`` rounds twice, a GPU's once; every version uses
+it, so they agree on either.)
+
+The price of the rule: a launch has at most N x ceil(M / ROWS) threads with
+work, each walking all of K. A narrow layer at batch 1 (N = 768 for GPT-2
+124M) has too few threads in flight to keep a large GPU's memory busy; a wide
+one (the LM head, N = 50257) has plenty.
 """
 
 from __future__ import annotations
