@@ -19,7 +19,10 @@ def make_backend(name: str, config: GPTConfig, weights: GPT2Weights, n_slots: in
     if name == "numba":
         import numba_kernels
 
-        numba_kernels.require_cuda()
+        try:
+            numba_kernels.require_cuda()
+        except numba_kernels.NoCudaError as missing:
+            raise ValueError(f"backend 'numba': {missing}") from None
         from numba_kernels.backend import NumbaBackend
 
         return NumbaBackend(config, weights, n_slots)

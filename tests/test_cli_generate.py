@@ -58,3 +58,24 @@ def test_bad_arguments_get_one_line_and_status_2(capsys, argv, message):
     status, out, err = run(capsys, "generate", *argv)
     assert status == 2
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_numba_backend_without_gpu_or_simulator_is_one_line():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    done = subprocess.run([sys.executable, "-m", "flover.cli", "generate", "--model", "tiny", "--prompt", "x",
+                           "--backend", "numba"], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    try:
+        import numba.cuda
+
+        has_gpu = numba.cuda.is_available()
+    except Exception:
+        has_gpu = False
+    if has_gpu:
+        assert done.returncode == 0
+    else:
+        assert done.returncode == 2
+        assert done.stderr == "flover: error: backend 'numba': no CUDA GPU and NUMBA_ENABLE_CUDASIM is not set\n"
