@@ -68,13 +68,9 @@ def test_numba_backend_without_gpu_or_simulator_is_one_line():
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     done = subprocess.run([sys.executable, "-m", "flover.cli", "generate", "--model", "tiny", "--prompt", "x",
                            "--backend", "numba"], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
-    try:
-        import numba.cuda
-
-        has_gpu = numba.cuda.is_available()
-    except Exception:
-        has_gpu = False
-    if has_gpu:
+    probe = subprocess.run([sys.executable, "-c", "import numba.cuda; print(numba.cuda.is_available())"],
+                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    if probe.stdout.strip() == "True":  # a real GPU
         assert done.returncode == 0
     else:
         assert done.returncode == 2
