@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import string
 import subprocess
 import sys
@@ -37,11 +39,21 @@ def greedy_text(config, weights, prompt: str, max_new_tokens: int = 120) -> str:
     return tokenizer.decode(list(generate(NumpyBackend(config, weights), tokenizer.encode(prompt), max_new_tokens)))
 
 
+def printable(text: str) -> bool:
+    return all(c in string.printable and c not in "\x0b\x0c" for c in text)
+
+
 def looks_like_python(text: str) -> bool:
     """Printable ASCII with at least two of: a call or definition, a colon, an indented line."""
-    printable = all(c in string.printable and c not in "\x0b\x0c" for c in text)
     structure = ["(" in text, ":" in text, "\n    " in text]
-    return printable and sum(structure) >= 2
+    return printable(text) and sum(structure) >= 2
+
+
+FIRST_LINES = {  # what a greedy continuation of each prompt must open with
+    "def ": r"def \w+\(",
+    "class ": r"class \w+[(:]",
+    "import ": r"import \w+(\.\w+)*( as \w+)?(, \w+)*\n",
+}
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +76,21 @@ def test_shipped_model_is_small(shipped):
 
 def test_shipped_greedy_text_is_deterministic_python(shipped):
     config, weights = shipped
-    for prompt in ("def ", "import ", "class "):
-        first, second = greedy_text(config, weights, prompt), greedy_text(config, weights, prompt)
-        assert first == second
-        assert looks_like_python(prompt + first), repr(prompt + first)
+    for prompt, first_line in FIRST_LINES.items():
+        text = prompt + greedy_text(config, weights, prompt)
+        assert text == prompt + greedy_text(config, weights, prompt)
+        assert printable(text) and re.match(first_line, text), repr(text)
+    assert looks_like_python("def " + greedy_text(config, weights, "def "))
 
 
-def test_python_check_rejects_random_weights(shipped):
+def test_python_checks_reject_random_weights(shipped):
     config, _ = shipped
     for seed in range(3):
-        text = greedy_text(config, init_weights(config, seed=seed, std=0.3), "def ")
-        assert not looks_like_python("def " + text), repr(text)
+        weights = init_weights(config, seed=seed, std=0.3)
+        for prompt, first_line in FIRST_LINES.items():
+            text = prompt + greedy_text(config, weights, prompt)
+            assert not (printable(text) and re.match(first_line, text)), repr(text)
+        assert not looks_like_python("def " + greedy_text(config, weights, "def "))
 
 
 def test_shipped_model_predicts_unseen_python(shipped):
@@ -111,14 +127,42 @@ def test_shipped_logits_equal_torch(shipped):
     assert np.abs(ours - expected).max() / np.abs(expected).max() < 1e-4
 
 
+@pytest.fixture(scope="module")
+def train_tiny():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "tools" / "train_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_strip_prose_keeps_code_and_drops_comments_and_docstrings(train_tiny):
+    stripped = train_tiny.strip_prose(PYTHON_SNIPPET.encode() + b"x = 1  # one\n").decode()
+    assert "Settings" not in stripped and "# one" not in stripped
+    assert "    def get(self):\n        return os.environ.get(self.name, self.default)\n" in stripped
+    assert stripped.endswith("x = 1\n")
+    compile(stripped, "<stripped>", "exec")
+    only_docstring = train_tiny.strip_prose(b'class E(Exception):\n    """An error."""\n').decode()
+    assert only_docstring == "class E(Exception):\n    pass\n"
+
+
 def test_train_tiny_writes_a_loadable_checkpoint(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
+    stdlib = tmp_path / "stdlib"  # a few files stand in for the standard library, so the run takes seconds
+    (stdlib / "pkg").mkdir(parents=True)
+    (stdlib / "test").mkdir()
+    for i in range(4):
+        (stdlib / "pkg" / f"mod{i}.py").write_text(PYTHON_SNIPPET * (i + 1))
+    (stdlib / "test" / "test_skipped.py").write_text("assert False\n")
     out = tmp_path / "tiny"
     command = [
-        sys.executable, str(ROOT / "tools" / "train_tiny.py"), "--out", str(out), "--steps", "3", "--warmup", "1",
-        "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--n-positions", "32", "--context", "32",
-        "--batch-size", "2", "--eval-batches", "1", "--sample-tokens", "4", "--quiet",
+        sys.executable, str(ROOT / "tools" / "train_tiny.py"), "--out", str(out), "--stdlib", str(stdlib),
+        "--steps", "3", "--warmup", "1", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+        "--n-positions", "32", "--context", "32", "--batch-size", "2", "--eval-batches", "1",
+        "--sample-tokens", "4", "--val-fraction", "0.25", "--quiet",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     subprocess.run(command, check=True, cwd=ROOT, env=env, capture_output=True, timeout=120)
@@ -126,3 +170,4 @@ def test_train_tiny_writes_a_loadable_checkpoint(tmp_path):
     assert (config.n_layer, config.n_head, config.n_embd, config.n_ctx) == (1, 2, 16, 32)
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 3 and record["loss"]["validation"]["nats_per_byte"] > 0
+    assert (record["data"]["train_files"], record["data"]["val_files"]) == (3, 1)
