@@ -251,7 +251,7 @@ def write_report(out: Path, record: dict) -> None:
         f"| {name} | {loss[name]['nats_per_byte']:.4f} | {loss[name]['bits_per_byte']:.4f} |"
         for name in ("train_last_steps", "train", "validation")
     )
-    samples = "\n\n".join(f"`{prompt}`\n\n```python\n{text}\n```" for prompt, text in record["samples"].items())
+    samples = "\n\n".join(f"`{prompt}`\n\n```text\n{text}\n```" for prompt, text in record["samples"].items())
     data, model = record["data"], record["model"]
     text = f"""# {out.name}: a byte-level GPT-2 trained on the Python standard library
 
