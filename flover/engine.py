@@ -66,7 +66,8 @@ class FusionEngine:
         while pending or any(self.active):
             if not any(self.active) and pending:
                 self.clock.wait_until(pending[0].arrival_s)
-            while pending and pending[0].arrival_s <= self.clock.now() and not all(self.active):
+            now = self.clock.now()  # admit only what had arrived when the iteration began,
+            while pending and pending[0].arrival_s <= now and not all(self.active):  # so prefills cannot starve the batch
                 self._admit(pending.popleft(), done)
             if any(self.active):
                 self._fused_step(done)

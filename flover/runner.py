@@ -91,15 +91,16 @@ def run_policy(pc: PolicyConfig, make_backend: BackendFactory, requests: Sequenc
                keep_logits: bool = False, on_finish=None, backend: Backend | None = None) -> RunResult:  # fmt: skip
     """Serve ``requests`` under one policy. ``backend`` may be reused between policies
     when it has enough slots; ``instances`` always makes its own single-slot backends."""
-    clock = clock or WallClock()
+    if pc.policy == "instances":
+        backends = [make_backend(1) for _ in range(pc.instances)]
+    elif backend is None or backend.n_slots < pc.slots_needed:
+        backend = make_backend(pc.slots_needed)
+    clock = clock or WallClock()  # started once the backends exist
     stats = EngineStats()
     kwargs = dict(clock=clock, keep_logits=keep_logits, on_finish=on_finish)
     if pc.policy == "instances":
-        backends = [make_backend(1) for _ in range(pc.instances)]
         results = run_instances(backends, requests, stats=stats, **kwargs)
     else:
-        if backend is None or backend.n_slots < pc.slots_needed:
-            backend = make_backend(pc.slots_needed)
         if pc.policy == "fused":
             engine = FusionEngine(backend, shuffle=pc.shuffle, capacity=pc.slots, **kwargs)
             results = engine.run(requests)

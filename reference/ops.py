@@ -12,7 +12,7 @@ import numpy as np
 
 def gelu(x: np.ndarray) -> np.ndarray:
     # GPT-2's tanh approximation ("gelu_new")
-    return 0.5 * x * (1 + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x**3)))
+    return 0.5 * x * (1 + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x * x * x)))
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

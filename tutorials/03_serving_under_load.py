@@ -325,11 +325,11 @@ assert wall["fused"].metrics["makespan_s"] < wall["serial"].metrics["makespan_s"
 
 # %% [markdown]
 # One thing to look for in the fused timeline: before each fused step the
-# engine prefills every request that has arrived by then. When a prefill
-# takes about as long as the gap between arrivals (on a busy machine it can),
-# newcomers keep arriving during the prefills, and the running batch waits
-# for all of them: the first steps start late and the early requests show
-# long grey bars. Flover avoids that by running prefills on a separate GPU
+# engine prefills the requests that had arrived when the iteration began
+# (newcomers that arrive during those prefills wait for the next iteration,
+# so a stream of arrivals cannot starve the running batch). Each prefill
+# still pauses the batch for its own length: the small gaps in the batch-size
+# curve. Flover avoids even those by running prefills on a separate GPU
 # stream while the batch keeps decoding.
 
 # %% [markdown]
