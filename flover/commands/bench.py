@@ -60,9 +60,11 @@ def run(args) -> int:
             with tqdm(total=len(requests), desc=pc.label, unit="req", disable=True if args.quiet else None, leave=False) as bar:
                 runs.append(run_policy(pc, factory, requests, on_finish=lambda _: bar.update(), backend=backend))
         print(table(runs))
-        comm = getattr(backend, "comm_report", None)
-        if comm is not None:
-            print(comm())
+        if hasattr(backend, "comm_seconds"):  # tensor parallel: time each rank spent in MPI calls
+            spent = backend.comm_seconds()
+            serving = sum(run.metrics["makespan_s"] for run in runs)
+            print(f"communication over {len(spent)} ranks ({serving:.2f}s of serving): "
+                  + ", ".join(f"rank {r} {s:.3f}s ({100 * s / serving:.1f}%)" for r, s in enumerate(spent)))  # fmt: skip
     extra = {"model": args.model or "default", "backend": args.backend, "tp": args.tp, "requests": len(requests)}
     if args.json_out:
         records = [run.as_json(extra) for run in runs]
