@@ -122,8 +122,7 @@ def matmul_rows(x: np.ndarray, w: np.ndarray | PackedWeight, b: np.ndarray) -> n
         raise ValueError(f"matmul of [{n_rows}, {k_dim}] by a weight of shape {w.shape}")
     x_pad = np.zeros((-(-n_rows // TILE_ROWS) * TILE_ROWS, k_dim), np.float32)  # [B_pad, K]
     x_pad[:n_rows] = x
-    n_cols = w.tiles.shape[0] * TILE_N
-    b_pad = np.zeros(n_cols, np.float32)  # [N_pad]
+    b_pad = np.zeros(w.tiles.shape[0] * TILE_N, np.float32)  # [N_pad]
     b_pad[: w.n_out] = b
     return matmul_tiles(x_pad, w.tiles, b_pad)[:n_rows, : w.n_out]
 
@@ -150,8 +149,9 @@ def matmul_tiles(x, tiles, b):  # pragma: no cover - compiled
     """[B_pad, K] @ tiles [n_tiles, K, TILE_N] + [N_pad] -> [B_pad, N_pad], B_pad % TILE_ROWS == 0.
 
     The loops over ``r`` and ``j`` have constant trip counts: LLVM vectorises
-    ``j`` into TILE_N / 16 vectors, unrolls ``r``, and keeps ``acc`` in
-    TILE_ROWS x TILE_N / 16 registers across the whole ``k`` loop.
+    ``j`` (4 vectors of 16 floats, or 8 of 8), unrolls ``r``, and keeps ``acc``
+    in 16 vector registers across the whole ``k`` loop; each step of ``k``
+    loads one row of the tile and does 16 vector FMAs (see ``inspect_asm``).
     """
     n_rows, k_dim = x.shape
     n_tiles = tiles.shape[0]
