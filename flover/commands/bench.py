@@ -55,13 +55,14 @@ def run(args) -> int:
             return 0
         factory = lambda n: make_backend(args.backend, config, weights, n)  # noqa: E731
         warm_up(backend, config)
+        comm_before = backend.comm_seconds() if hasattr(backend, "comm_seconds") else None
         runs = []
         for pc in configs:
             with tqdm(total=len(requests), desc=pc.label, unit="req", disable=True if args.quiet else None, leave=False) as bar:
                 runs.append(run_policy(pc, factory, requests, on_finish=lambda _: bar.update(), backend=backend))
         print(table(runs))
-        if hasattr(backend, "comm_seconds"):  # tensor parallel: time each rank spent in MPI calls
-            spent = backend.comm_seconds()
+        if comm_before is not None:  # tensor parallel: time each rank spent in MPI calls while serving
+            spent = backend.comm_seconds() - comm_before
             serving = sum(run.metrics["makespan_s"] for run in runs)
             print(f"communication over {len(spent)} ranks ({serving:.2f}s of serving): "
                   + ", ".join(f"rank {r} {s:.3f}s ({100 * s / serving:.1f}%)" for r, s in enumerate(spent)))  # fmt: skip
