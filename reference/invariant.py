@@ -9,10 +9,11 @@ functions treat an element differently in the vector body and the tail.
 So every kernel here computes one request's row with a loop whose order is
 fixed by the row's own sizes (K, n_embd, head_dim, the request's own length)
 and never by the batch: an output element of a matmul starts at 0, adds its K
-products one after another in ascending k (each a fused multiply-add), then
-adds the bias, in one thread; batch rows are only an outer loop. The result
-is bitwise equal whether a request decodes alone or beside 63 others, by
-construction, and ``tests/test_invariant_kernels.py`` checks it.
+products one after another in ascending k, each with one fused multiply-add
+(an explicit ``fma``, so no compiler flag decides where a product is
+rounded), then adds the bias, in one thread; batch rows are only an outer
+loop. The result is bitwise equal whether a request decodes alone or beside
+63 others, by construction, and ``tests/test_invariant_kernels.py`` checks it.
 
 Speed without breaking that rule (``matmul_rows``):
 
@@ -23,8 +24,9 @@ Speed without breaking that rule (``matmul_rows``):
 - Register blocking: a micro-kernel computes a block of ``TILE_ROWS`` rows by
   ``TILE_N`` columns with its accumulators on the stack, which LLVM keeps in
   16 vector registers for the whole K loop; each weight vector loaded serves
-  ``TILE_ROWS`` rows. The batch is padded with zero rows to a multiple of
-  ``TILE_ROWS``, so every row, the last one included, takes the same path.
+  ``TILE_ROWS`` rows. The rows left over (B mod TILE_ROWS, all of them when
+  a request decodes alone) go through a one-row copy of the micro-kernel:
+  the same FMAs in the same order, without the wasted work of zero rows.
 - The weight is packed once (``pack_weight``) into column tiles
   [N / TILE_N, K, TILE_N], so the micro-kernel reads one contiguous,
   64-byte aligned stream.
@@ -34,8 +36,8 @@ The vector width and ``TILE_ROWS`` depend on the CPU (see
 same sequence of FMAs in any case.
 
 What never happens: ``fastmath`` beyond ``contract`` (which only fuses a
-multiply and an add into one FMA), a split of K, or a code path chosen by the
-batch size or a row's index.
+multiply and an add into one FMA, in the element-wise kernels), a split of
+K, or an order of operations chosen by the batch size or a row's index.
 """
 
 from __future__ import annotations
@@ -113,18 +115,16 @@ def matmul_rows(x: np.ndarray, w: np.ndarray | PackedWeight, b: np.ndarray) -> n
 
     ``w`` is a packed weight, or a plain [K, N] array that is packed on the fly
     (same result, but the packing costs a copy of the weight per call). The
-    result is a view into a [B_pad, N_pad] array.
+    result is a view into a [B, N_pad] array.
     """
     if not isinstance(w, PackedWeight):
         w = pack_weight(np.asarray(w, np.float32))
     n_rows, k_dim = x.shape
     if k_dim != w.shape[0]:
         raise ValueError(f"matmul of [{n_rows}, {k_dim}] by a weight of shape {w.shape}")
-    x_pad = np.zeros((-(-n_rows // TILE_ROWS) * TILE_ROWS, k_dim), np.float32)  # [B_pad, K]
-    x_pad[:n_rows] = x
     b_pad = np.zeros(w.tiles.shape[0] * TILE_N, np.float32)  # [N_pad]
     b_pad[: w.n_out] = b
-    return matmul_tiles(x_pad, w.tiles, b_pad)[:n_rows, : w.n_out]
+    return matmul_tiles(np.ascontiguousarray(x, np.float32), w.tiles, b_pad)[:, : w.n_out]
 
 
 @intrinsic
@@ -144,9 +144,21 @@ def stack_empty(typingctx, size, dtype):
     return types.CPointer(dtype.dtype)(size, dtype), codegen
 
 
-@njit(parallel=True, fastmath={"contract"}, error_model="numpy", cache=True)
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c with a single rounding (LLVM's llvm.fma), for floats of one type; it vectorises."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return a(a, b, c), codegen
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
 def matmul_tiles(x, tiles, b):  # pragma: no cover - compiled
-    """[B_pad, K] @ tiles [n_tiles, K, TILE_N] + [N_pad] -> [B_pad, N_pad], B_pad % TILE_ROWS == 0.
+    """[B, K] @ tiles [n_tiles, K, TILE_N] + [N_pad] -> [B, N_pad].
 
     The loops over ``r`` and ``j`` have constant trip counts: LLVM vectorises
     ``j`` (4 vectors of 16 floats, or 8 of 8), unrolls ``r``, and keeps ``acc``
@@ -155,23 +167,34 @@ def matmul_tiles(x, tiles, b):  # pragma: no cover - compiled
     """
     n_rows, k_dim = x.shape
     n_tiles = tiles.shape[0]
+    n_blocked = n_rows - n_rows % TILE_ROWS  # rows that fill whole blocks
     out = np.empty((n_rows, n_tiles * TILE_N), np.float32)
     for tile in prange(n_tiles):
         w = tiles[tile]  # [K, TILE_N]
         bias = b[tile * TILE_N : (tile + 1) * TILE_N]  # [TILE_N]
         acc = carray(stack_empty(TILE_SIZE, np.float32), (TILE_ROWS, TILE_N))
-        for r0 in range(0, n_rows, TILE_ROWS):
+        for r0 in range(0, n_blocked, TILE_ROWS):  # micro-kernel: TILE_ROWS rows x TILE_N columns
             acc[:] = 0.0
             for k in range(k_dim):
                 wk = w[k]  # [TILE_N]
                 for r in range(TILE_ROWS):
                     xv = x[r0 + r, k]
                     for j in range(TILE_N):
-                        acc[r, j] += xv * wk[j]
+                        acc[r, j] = fma(xv, wk[j], acc[r, j])
             for r in range(TILE_ROWS):
                 row = out[r0 + r, tile * TILE_N : (tile + 1) * TILE_N]  # [TILE_N]
                 for j in range(TILE_N):
                     row[j] = acc[r, j] + bias[j]
+        for r in range(n_blocked, n_rows):  # the same for one row: 1 x TILE_N columns
+            acc[0, :] = 0.0
+            for k in range(k_dim):
+                wk = w[k]
+                xv = x[r, k]
+                for j in range(TILE_N):
+                    acc[0, j] = fma(xv, wk[j], acc[0, j])
+            row = out[r, tile * TILE_N : (tile + 1) * TILE_N]
+            for j in range(TILE_N):
+                row[j] = acc[0, j] + bias[j]
     return out
 
 
@@ -229,7 +252,7 @@ def gelu_rows(x):  # pragma: no cover - compiled
     return out
 
 
-@njit(parallel=True, fastmath={"contract"}, error_model="numpy", cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def decode_attention(q, k_cache, v_cache, slots, lengths):  # pragma: no cover - compiled
     """One query per request over its own cached positions.
 
@@ -237,9 +260,11 @@ def decode_attention(q, k_cache, v_cache, slots, lengths):  # pragma: no cover -
     request b reads slot ``slots[b]`` positions ``0 .. lengths[b]-1`` and nothing else.
     -> [B, n_head, head_dim]
 
-    A score sums head_dim products in ascending order; the softmax and the
-    weighted sum of values run over positions in ascending order. Four
-    positions' scores are computed side by side, as four independent sums.
+    A score sums head_dim products in ascending order, one ``fma`` each; the
+    softmax and the weighted sum of values run over positions in ascending
+    order. Four positions' scores are computed side by side, as four
+    independent sums, and the last n % 4 positions one by one, with the
+    same FMAs.
     """
     n_rows, n_head, head_dim = q.shape
     out = np.empty_like(q)
@@ -256,15 +281,15 @@ def decode_attention(q, k_cache, v_cache, slots, lengths):  # pragma: no cover -
             k0, k1, k2, k3 = keys[t], keys[t + 1], keys[t + 2], keys[t + 3]  # [D] each
             s0 = s1 = s2 = s3 = np.float32(0.0)
             for d in range(head_dim):
-                s0 += qh[d] * k0[d]
-                s1 += qh[d] * k1[d]
-                s2 += qh[d] * k2[d]
-                s3 += qh[d] * k3[d]
+                s0 = fma(qh[d], k0[d], s0)
+                s1 = fma(qh[d], k1[d], s1)
+                s2 = fma(qh[d], k2[d], s2)
+                s3 = fma(qh[d], k3[d], s3)
             scores[t], scores[t + 1], scores[t + 2], scores[t + 3] = s0, s1, s2, s3
         for t in range(n4, n):
             s = np.float32(0.0)
             for d in range(head_dim):
-                s += qh[d] * keys[t, d]
+                s = fma(qh[d], keys[t, d], s)
             scores[t] = s
         best = np.float32(-np.inf)
         for t in range(n):
@@ -278,7 +303,7 @@ def decode_attention(q, k_cache, v_cache, slots, lengths):  # pragma: no cover -
         for t in range(n):
             p, vt = scores[t], values[t]  # [D]
             for d in range(head_dim):
-                oh[d] += p * vt[d]
+                oh[d] = fma(p, vt[d], oh[d])
         for d in range(head_dim):
             oh[d] /= denom
     return out
