@@ -113,18 +113,25 @@ def pack_weight(w: np.ndarray) -> PackedWeight:
 def matmul_rows(x: np.ndarray, w: np.ndarray | PackedWeight, b: np.ndarray) -> np.ndarray:
     """[B, K] @ [K, N] + [N] -> [B, N], each element summed over ascending k.
 
-    ``w`` is a packed weight, or a plain [K, N] array that is packed on the fly
-    (same result, but the packing costs a copy of the weight per call). The
-    result is a view into a [B, N_pad] array.
+    ``w`` is a packed weight, or a plain [K, N] array: read in place when N is
+    a multiple of TILE_N (the same bits, but each tile's rows lie N apart, so
+    it is slower at large batches), else packed for this call. The result is
+    a view into a [B, N_pad] array.
     """
-    if not isinstance(w, PackedWeight):
-        w = pack_weight(np.asarray(w, np.float32))
+    x = np.ascontiguousarray(x, np.float32)
     n_rows, k_dim = x.shape
     if k_dim != w.shape[0]:
         raise ValueError(f"matmul of [{n_rows}, {k_dim}] by a weight of shape {w.shape}")
-    b_pad = np.zeros(w.tiles.shape[0] * TILE_N, np.float32)  # [N_pad]
-    b_pad[: w.n_out] = b
-    return matmul_tiles(np.ascontiguousarray(x, np.float32), w.tiles, b_pad)[:, : w.n_out]
+    if isinstance(w, PackedWeight):
+        tiles, n_out, packed = w.tiles, w.n_out, True  # [n_tiles, K, TILE_N]
+    elif w.shape[1] % TILE_N == 0:
+        n_out, packed = w.shape[1], False
+        tiles = np.ascontiguousarray(w, np.float32).reshape(k_dim, n_out // TILE_N, TILE_N)  # [K, n_tiles, TILE_N]
+    else:
+        return matmul_rows(x, pack_weight(w), b)
+    b_pad = np.zeros(-(-n_out // TILE_N) * TILE_N, np.float32)  # [N_pad]
+    b_pad[:n_out] = b
+    return matmul_tiles(x, tiles, packed, b_pad)[:, :n_out]
 
 
 @intrinsic
@@ -156,9 +163,15 @@ def fma(typingctx, a, b, c):
     return a(a, b, c), codegen
 
 
+@njit(error_model="numpy", inline="always", cache=True)
+def tile_row(tiles, packed, tile, k):  # pragma: no cover - compiled
+    """Row k of column tile ``tile``, [TILE_N], from packed [n_tiles, K, TILE_N] or plain [K, n_tiles, TILE_N]."""
+    return tiles[tile, k] if packed else tiles[k, tile]
+
+
 @njit(parallel=True, error_model="numpy", cache=True)
-def matmul_tiles(x, tiles, b):  # pragma: no cover - compiled
-    """[B, K] @ tiles [n_tiles, K, TILE_N] + [N_pad] -> [B, N_pad].
+def matmul_tiles(x, tiles, packed, b):  # pragma: no cover - compiled
+    """[B, K] @ tiles + [N_pad] -> [B, N_pad], with ``tiles`` as ``tile_row`` reads them.
 
     The loops over ``r`` and ``j`` have constant trip counts: LLVM vectorises
     ``j`` (4 vectors of 16 floats, or 8 of 8), unrolls ``r``, and keeps ``acc``
@@ -166,17 +179,16 @@ def matmul_tiles(x, tiles, b):  # pragma: no cover - compiled
     loads one row of the tile and does 16 vector FMAs (see ``inspect_asm``).
     """
     n_rows, k_dim = x.shape
-    n_tiles = tiles.shape[0]
+    n_tiles = tiles.shape[0] if packed else tiles.shape[1]
     n_blocked = n_rows - n_rows % TILE_ROWS  # rows that fill whole blocks
     out = np.empty((n_rows, n_tiles * TILE_N), np.float32)
     for tile in prange(n_tiles):
-        w = tiles[tile]  # [K, TILE_N]
         bias = b[tile * TILE_N : (tile + 1) * TILE_N]  # [TILE_N]
         acc = carray(stack_empty(TILE_SIZE, np.float32), (TILE_ROWS, TILE_N))
         for r0 in range(0, n_blocked, TILE_ROWS):  # micro-kernel: TILE_ROWS rows x TILE_N columns
             acc[:] = 0.0
             for k in range(k_dim):
-                wk = w[k]  # [TILE_N]
+                wk = tile_row(tiles, packed, tile, k)  # [TILE_N]
                 for r in range(TILE_ROWS):
                     xv = x[r0 + r, k]
                     for j in range(TILE_N):
@@ -188,7 +200,7 @@ def matmul_tiles(x, tiles, b):  # pragma: no cover - compiled
         for r in range(n_blocked, n_rows):  # the same for one row: 1 x TILE_N columns
             acc[0, :] = 0.0
             for k in range(k_dim):
-                wk = w[k]
+                wk = tile_row(tiles, packed, tile, k)
                 xv = x[r, k]
                 for j in range(TILE_N):
                     acc[0, j] = fma(xv, wk[j], acc[0, j])

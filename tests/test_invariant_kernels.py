@@ -35,6 +35,7 @@ def assert_rows_bitwise_alone(kernel, batch: np.ndarray, rest: tuple = ()) -> np
 @settings(max_examples=30)
 @given(k=SHAPE, n=SHAPE, b=BATCH, seed=SEED)
 @example(k=768, n=130, b=33, seed=0)
+@example(k=50, n=128, b=7, seed=1)  # a plain weight read in place (N a multiple of TILE_N)
 def test_matmul_rows_bitwise_equal_alone_and_close_to_numpy(k, n, b, seed):
     rng = np.random.default_rng(seed)
     x, w, bias = normal(rng, b, k), normal(rng, k, n), normal(rng, n)
@@ -42,6 +43,7 @@ def test_matmul_rows_bitwise_equal_alone_and_close_to_numpy(k, n, b, seed):
     batched = assert_rows_bitwise_alone(invariant.matmul_rows, x, (packed, bias))
     assert batched.shape == (b, n)
     assert np.array_equal(invariant.matmul_rows(x, w, bias), batched), "a plain weight sums otherwise than a packed one"
+    assert np.array_equal(invariant.matmul_rows(x[:1], w, bias)[0], batched[0])
     expected = x.astype(np.float64) @ w + bias  # [B, N]
     bound = 4 * k * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(w) + np.abs(bias))  # forward error of a dot
     assert np.all(np.abs(batched - expected) <= bound)
