@@ -105,6 +105,8 @@ class TPBackend:
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         step = np.stack([np.asarray(a, np.int64).reshape(-1) for a in (slots, tokens, positions)])  # [3, B]
+        if step.shape[1] == 0:
+            return np.zeros((0, self.config.vocab_size), np.float32)
         self._check_slots(step[0])
         if len(set(step[0].tolist())) != step.shape[1]:
             raise ValueError(f"a decode step takes each slot once, got slots {step[0].tolist()}")
@@ -202,6 +204,9 @@ def launch(
     exits), and return None.
     """
     tp = TPComm(comm, deterministic)
+    configs = comm.allgather(config)  # once, at launch: every rank must build the same model
+    if any(c != config for c in configs):
+        raise ValueError(f"the {tp.world} ranks were given different models: {sorted(set(map(str, configs)))}")
     check_world(config, tp.world)  # the same on every rank: all raise, none waits
     shard_class = shard_factory(inner, tp.rank)
     if tp.world > 1:

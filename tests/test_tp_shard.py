@@ -65,6 +65,7 @@ def test_world_of_one_decodes_bitwise_like_numpy_backend():
     ref.move_slots(np.array([1]), np.array([0]), np.array([8]))
     step = (np.array([0]), np.array([9]), np.array([8]))
     np.testing.assert_array_equal(tp.decode(*step), ref.decode(*step))
+    assert tp.decode(np.zeros(0), np.zeros(0), np.zeros(0)).shape == (0, CONFIG.vocab_size)
     assert tp.comm_seconds().shape == (1,)
     tp.close()
     with pytest.raises(RuntimeError, match="closed"):
