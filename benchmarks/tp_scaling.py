@@ -186,7 +186,8 @@ def main() -> None:
     if "2" in best:
         ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(best["1"], best["2"], strict=True)]
         figures += "\n\nThe mark, 2 ranks >= 1.7x the throughput of 1 rank with one thread each: " + ", ".join(
-            f"batch {b}: {r:.2f}x ({'met' if r >= 1.7 else 'not met'})" for b, r in zip(batches, ratios, strict=True))
+            f"batch {b}: {r:.2f}x ({'met' if r >= 1.7 else 'not met'})" for b, r in zip(batches, ratios, strict=True)
+        )
     print(figures)
     command = "python benchmarks/tp_scaling.py " + " ".join(sys.argv[1:])
     body = (

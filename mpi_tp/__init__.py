@@ -31,15 +31,18 @@ broadcasts, the reduction after each RowParallelLinear, the gather of logits),
 ``model.py`` (one rank's forward), ``backend.py`` (rank 0's Backend and the
 other ranks' loop).
 
-Embedding and LM head: vocabulary-parallel (the default). GPT-2's tied
-[V, C] table is the largest single weight: 14% of gpt2-medium's bytes (50257 x
-1024 of 355M parameters), 31% of gpt2's. A decode step at small batch reads
-every weight once, so its time follows the bytes a rank reads; replicated, the
-LM head stays whole on rank 0 and caps two ranks at 1/(0.86/2 + 0.14) = 1.75x
-before any communication, whereas split by vocabulary rows it costs one gather
-of [B, V/N] logits to rank 0 and one [B, C] reduction for the embedding
-lookup, both small. Measured with ``benchmarks/tp_scaling.py`` (see
-``benchmarks/RESULTS.md``): TODO.
+Embedding and LM head: vocabulary-parallel (the default). GPT-2's tied [V, C]
+table is the largest single weight: about 15% of the weights a gpt2-medium
+decode step reads (50257 x 1024 of 354M), 31% of gpt2's. A decode step at small batch reads every weight
+once, so its time follows the bytes a rank reads. Replicated, rank 0 alone
+computes the LM head while the other ranks wait for its next command, which
+caps two ranks at 1/(0.85/2 + 0.15) = 1.74x before any communication. Split
+by vocabulary rows, each rank computes 1/N of the logits, at the price of one
+gather of [B, V/N] logits to rank 0 and one [B, C] reduction for the
+embedding lookup. Measured (``benchmarks/tp_scaling.py``, gpt2-medium, two
+ranks with one thread each against one rank, see ``benchmarks/RESULTS.md``):
+vocabulary-parallel 1.83x the throughput at batch 1 and 1.89x at batch 16,
+replicated 1.64x and 1.78x.
 
 The ``inner`` argument of ``launch`` picks the math on each rank: ``numpy``
 (``mpi_tp.model.NumpyShard``: NumPy prefill, the batch-invariant Numba CPU

@@ -97,9 +97,7 @@ def vocab_bounds(vocab_size: int, world: int) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sizes)])
 
 
-def shard_weights(
-    config: GPTConfig, weights: GPT2Weights, rank: int, world: int, vocab_parallel: bool = True
-) -> ShardWeights:
+def shard_weights(config: GPTConfig, weights: GPT2Weights, rank: int, world: int, vocab_parallel: bool = True) -> ShardWeights:
     """Rank ``rank``'s shard, as fresh contiguous arrays: the full weights can be dropped afterwards."""
     check_world(config, world)
     c, hp, m = config.n_embd, config.n_head // world, config.d_mlp // world

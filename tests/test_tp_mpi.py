@@ -68,9 +68,7 @@ def test_tp_tokens_logits_and_fused_decoding_match(n_ranks):
     [(2, 1, "step", True), (4, 3, "step", False), (4, 0, "step", True), (2, 0, "engine", False)],
 )
 def test_a_rank_that_raises_ends_the_job(n_ranks, rank, where, mpi4py_main):
-    status, out, err, seconds = mpirun(
-        n_ranks, "tp_abort.py", "--rank", str(rank), "--where", where, mpi4py_main=mpi4py_main
-    )
+    status, out, err, seconds = mpirun(n_ranks, "tp_abort.py", "--rank", str(rank), "--where", where, mpi4py_main=mpi4py_main)
     assert status != 0
     assert "InjectedFault" in err
     assert "no fault was raised" not in out
