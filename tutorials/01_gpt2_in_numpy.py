@@ -31,39 +31,16 @@
 # `out/tutorials/`) and drawn inline in Jupyter.
 
 # %% [markdown]
-# Two helpers used in every lesson: `OUT` is the folder for pictures, and
+# Helpers used in every lesson, from `tutorials/_display.py`: `OUT` is the folder for pictures, and
 # `show(fig, name)` saves a Matplotlib figure there (and draws it when we run
 # inside Jupyter). `show_file(path)` does the same for a picture already on disk.
 
 # %%
 # ruff: noqa: E402  (each cell imports what it first uses, as a reader meets it)
-import os
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-
-OUT = Path(os.environ.get("FLOVER_TUTORIAL_OUT", "out/tutorials"))
-OUT.mkdir(parents=True, exist_ok=True)
-
-
-def show_file(path: Path) -> Path:
-    try:
-        from IPython import get_ipython
-        from IPython.display import Image, display
-    except ImportError:
-        return path
-    if get_ipython() is not None:
-        display(Image(filename=str(path)))
-    return path
-
-
-def show(fig, name: str) -> Path:
-    path = OUT / name
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return show_file(path)
-
+from _display import show  # tutorials/_display.py
 
 # %% [markdown]
 # ## The model: a config and a bag of arrays
@@ -83,7 +60,6 @@ def show(fig, name: str) -> Path:
 # Where it is missing, `resolve(None)` falls back to the `tiny` preset with
 # random weights: every step of this lesson still holds, only the generated
 # text is noise. `flover.loading.default_model()` tells which one you have.
-
 # %%
 from flover.loading import default_model, resolve
 

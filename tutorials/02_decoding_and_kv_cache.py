@@ -37,32 +37,6 @@ import os
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from pathlib import Path
-
-import matplotlib.pyplot as plt
-import numpy as np
-
-OUT = Path(os.environ.get("FLOVER_TUTORIAL_OUT", "out/tutorials"))
-OUT.mkdir(parents=True, exist_ok=True)
-
-
-def show_file(path: Path) -> Path:
-    try:
-        from IPython import get_ipython
-        from IPython.display import Image, display
-    except ImportError:
-        return path
-    if get_ipython() is not None:
-        display(Image(filename=str(path)))
-    return path
-
-
-def show(fig, name: str) -> Path:
-    path = OUT / name
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return show_file(path)
-
 
 # %% [markdown]
 # ## Generating without a cache
@@ -71,9 +45,12 @@ def show(fig, name: str) -> Path:
 # lesson 1. *Greedy* decoding picks the token with the highest logit. The
 # simplest loop feeds the whole text so far to `reference.forward` at every
 # step and keeps only the last row of logits.
-
 # %%
 import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+from _display import show  # tutorials/_display.py
 
 from flover.loading import resolve
 from reference import forward

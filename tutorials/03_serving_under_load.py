@@ -37,32 +37,10 @@ import os
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-
-OUT = Path(os.environ.get("FLOVER_TUTORIAL_OUT", "out/tutorials"))
-OUT.mkdir(parents=True, exist_ok=True)
-
-
-def show_file(path: Path) -> Path:
-    try:
-        from IPython import get_ipython
-        from IPython.display import Image, display
-    except ImportError:
-        return path
-    if get_ipython() is not None:
-        display(Image(filename=str(path)))
-    return path
-
-
-def show(fig, name: str) -> Path:
-    path = OUT / name
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return show_file(path)
-
+from _display import OUT, show, show_file  # tutorials/_display.py
 
 # %% [markdown]
 # ## Requests and Poisson arrivals
@@ -79,7 +57,6 @@ def show(fig, name: str) -> Path:
 # clumps and lulls rather than evenly. Prompt and output lengths are drawn
 # uniformly from inclusive ranges, prompt tokens at random (their meaning
 # does not matter for scheduling), and request i gets seed i.
-
 # %%
 from flover.loading import resolve
 from flover.request import Request

@@ -36,32 +36,10 @@ import os
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-
-OUT = Path(os.environ.get("FLOVER_TUTORIAL_OUT", "out/tutorials"))
-OUT.mkdir(parents=True, exist_ok=True)
-
-
-def show_file(path: Path) -> Path:
-    try:
-        from IPython import get_ipython
-        from IPython.display import Image, display
-    except ImportError:
-        return path
-    if get_ipython() is not None:
-        display(Image(filename=str(path)))
-    return path
-
-
-def show(fig, name: str) -> Path:
-    path = OUT / name
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return show_file(path)
-
+from _display import show  # tutorials/_display.py
 
 # %% [markdown]
 # ## Slot maps, the window and holes
@@ -74,7 +52,6 @@ def show(fig, name: str) -> Path:
 # `(first, last + 1)` of the active slots. A free slot inside the window is
 # a **hole**: it is computed like a request, for nothing.
 # `flover.shuffle.has_hole(active)` tells whether there is one.
-
 # %%
 from flover.shuffle import best_window, choose_slot, has_hole, shuffle_plan, window
 

@@ -33,32 +33,10 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy loads
 
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-
-OUT = Path(os.environ.get("FLOVER_TUTORIAL_OUT", "out/tutorials"))
-OUT.mkdir(parents=True, exist_ok=True)
-
-
-def show_file(path: Path) -> Path:
-    try:
-        from IPython import get_ipython
-        from IPython.display import Image, display
-    except ImportError:
-        return path
-    if get_ipython() is not None:
-        display(Image(filename=str(path)))
-    return path
-
-
-def show(fig, name: str) -> Path:
-    path = OUT / name
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return show_file(path)
-
+from _display import show  # tutorials/_display.py
 
 # %% [markdown]
 # ## Floating-point addition is not associative

@@ -62,32 +62,6 @@ def gpu_listed() -> bool:
 if not gpu_listed():
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")  # before Numba is imported
 
-from pathlib import Path
-
-import matplotlib.pyplot as plt
-import numpy as np
-
-OUT = Path(os.environ.get("FLOVER_TUTORIAL_OUT", "out/tutorials"))
-OUT.mkdir(parents=True, exist_ok=True)
-
-
-def show_file(path: Path) -> Path:
-    try:
-        from IPython import get_ipython
-        from IPython.display import Image, display
-    except ImportError:
-        return path
-    if get_ipython() is not None:
-        display(Image(filename=str(path)))
-    return path
-
-
-def show(fig, name: str) -> Path:
-    path = OUT / name
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return show_file(path)
-
 
 # %% [markdown]
 # `numba_kernels.device` answers two questions: `simulated()`, whether the
@@ -102,10 +76,12 @@ def show(fig, name: str) -> Path:
 # flover's tests do (`numba_kernels.simulator.quick_switching`); on a GPU
 # nothing changes. (Importing `numba_kernels` under the simulator also
 # closes a race in it; `numba_kernels/simulator.py` tells the story.)
-
 # %%
 import sys
 
+import matplotlib.pyplot as plt
+import numpy as np
+from _display import show  # tutorials/_display.py
 from numba import cuda
 
 from numba_kernels.device import device_name, require_cuda, simulated

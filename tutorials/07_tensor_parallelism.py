@@ -37,33 +37,6 @@ import os
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")  # before Numba loads
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy loads
 
-from pathlib import Path
-
-import matplotlib.pyplot as plt
-import numpy as np
-
-OUT = Path(os.environ.get("FLOVER_TUTORIAL_OUT", "out/tutorials"))
-OUT.mkdir(parents=True, exist_ok=True)
-
-
-def show_file(path: Path) -> Path:
-    try:
-        from IPython import get_ipython
-        from IPython.display import Image, display
-    except ImportError:
-        return path
-    if get_ipython() is not None:
-        display(Image(filename=str(path)))
-    return path
-
-
-def show(fig, name: str) -> Path:
-    path = OUT / name
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return show_file(path)
-
-
 # %% [markdown]
 # ## MPI in one paragraph
 #
@@ -79,11 +52,14 @@ def show(fig, name: str) -> Path:
 # `mpi4py` is Python's MPI (installed with `pip install 'flover[mpi]'`,
 # which brings MPICH and its `mpiexec` too), and flover's tensor parallelism
 # lives in `mpi_tp/`.
-
 # %%
 import shutil
 import sys
+from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
+from _display import OUT, show  # tutorials/_display.py
 from mpi4py import MPI
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
