@@ -34,6 +34,10 @@ def summarize(results: Sequence[RequestResult], steps: Sequence[Step] = ()) -> d
         "ttft_s": distribution([r.first_token_s - r.arrival_s for r in results]),
         "tpot_s": distribution(tpot),
         "latency_s": distribution([r.finish_s - r.arrival_s for r in results]),
+        "returned_latency_s": distribution([r.returned - r.arrival_s for r in results]),  # differs for dynamic only
         "decode_steps": len(steps),
+        "decode_s": float(sum(s.end_s - s.start_s for s in steps)),
         "mean_batch": float(np.mean(batch)) if batch else float("nan"),
+        "wasted_lanes": int(sum(s.width - s.batch for s in steps)),  # rows computed for no request: holes, padding
+        "lanes": int(sum(s.width for s in steps)),
     }

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -97,7 +98,9 @@ def _run_batch(backend, batch, clock, keep_logits, on_finish, stats) -> list[Req
             if not finished[row]:
                 seq.advance()
                 finished[row] = seq.accept(logits[row], clock.now())
-    results = [RequestResult.of(seq) for seq in seqs]
+    # A member's finish_s is its own last token (as if streamed); without streaming,
+    # Triton hands the whole batch back when its longest member is done.
+    results = [RequestResult.of(seq, returned_s=clock.now()) for seq in seqs]
     for r in sorted(results, key=lambda r: r.finish_s) if on_finish else ():
         on_finish(r)
     return results
@@ -131,6 +134,9 @@ def _simulate_instances(backends, ordered, clock, keep_logits, on_finish, stats)
 
 
 def _threaded_instances(backends, ordered, clock: WallClock, keep_logits, on_finish, stats):
+    for backend in backends:  # N copies share the cores, as N pinned instances would
+        if hasattr(backend, "threads"):
+            backend.threads = max(1, (os.cpu_count() or 1) // len(backends))
     queues: list[list[Request]] = [[] for _ in backends]
     outstanding = [0] * len(backends)
     lock = threading.Condition()

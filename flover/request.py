@@ -75,11 +75,16 @@ class RequestResult:
     tokens: list[int]
     instance: int = 0  # which model instance served it (the instances policy)
     logits: list[np.ndarray] | None = None
+    returned_s: float | None = None  # when a server that does not stream hands it back; None: at finish_s
+
+    @property
+    def returned(self) -> float:
+        return self.finish_s if self.returned_s is None else self.returned_s
 
     @classmethod
-    def of(cls, seq: Sequence, instance: int = 0) -> RequestResult:
+    def of(cls, seq: Sequence, instance: int = 0, returned_s: float | None = None) -> RequestResult:
         return cls(seq.request.id, seq.request.arrival_s, seq.admitted_s, seq.first_token_s, seq.finish_s,
-                   list(seq.tokens), instance, seq.logits)  # fmt: skip
+                   list(seq.tokens), instance, seq.logits, returned_s)  # fmt: skip
 
     def as_json(self) -> dict:
         return {"id": self.id, "tokens": self.tokens, "arrival_s": self.arrival_s,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import numba
 import numpy as np
 
 from reference import model
@@ -43,8 +44,10 @@ class NumpyBackend:
     longer bitwise equal to serial decoding.
     """
 
-    def __init__(self, config: GPTConfig, weights: GPT2Weights, n_slots: int = 1, invariant: bool = True) -> None:
+    def __init__(self, config: GPTConfig, weights: GPT2Weights, n_slots: int = 1, invariant: bool = True,
+                 threads: int | None = None) -> None:  # fmt: skip
         self.config = config
+        self.threads = threads  # Numba threads per decode step from the calling thread; None: all
         self.weights = weights
         self.n_slots = n_slots
         self.invariant = invariant
@@ -57,6 +60,8 @@ class NumpyBackend:
         return model.prefill(self.weights, self.config, self.cache, slot, tokens)
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        if self.threads is not None:
+            numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))  # per calling thread
         slots = np.asarray(slots, np.int64)
         return model.decode(
             self.decode_weights, self.config, self.cache, slots,

@@ -10,16 +10,19 @@ from reference.config import GPTConfig
 class KVSlots:
     """K and V of every layer for ``n_slots`` requests, each slot holding n_ctx positions.
 
-    k, v: [n_layer, n_slots, n_head, n_ctx, head_dim]. Zero-filled arrays are
-    mapped lazily by the OS, so untouched slots and positions cost no memory.
+    k, v: [n_layer, n_slots, n_head, n_ctx, head_dim], allocated and written
+    once up front, as a server preallocates its KV memory. (``np.zeros`` alone
+    would be mapped lazily by the OS, and the first requests would then pay
+    the page faults: on the gpt2 shape with 32 slots, 2.4 GB of them, which
+    raised the first run's mean time to first token from 0.25 s to 1.1 s.)
     """
 
     def __init__(self, config: GPTConfig, n_slots: int) -> None:
         if n_slots < 1:
             raise ValueError(f"the KV cache needs at least 1 slot, got {n_slots}")
         shape = (config.n_layer, n_slots, config.n_head, config.n_ctx, config.head_dim)
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+        self.k = np.full(shape, 0.0, np.float32)  # np.full writes every page now
+        self.v = np.full(shape, 0.0, np.float32)
 
     @property
     def n_slots(self) -> int:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 
 from flover.clock import VirtualClock
 from flover.engine import FusionEngine
+from flover.policies import run_instances
 from flover.runner import PolicyConfig, run_policy
 from flover.testing import serial_outputs, traces
 from flover.trace import poisson_trace
@@ -84,3 +87,27 @@ def test_overload_completes_every_request_in_bounded_memory(make_backend):
     assert backend.cache.k.nbytes + backend.cache.v.nbytes == kv_bytes
     admitted = sorted(results, key=lambda r: r.admitted_s)
     assert [r.id for r in admitted] == sorted(r.id for r in trace), "admitted in arrival (FIFO) order"
+
+
+@settings(max_examples=30)
+@given(trace=TRACES, max_batch=st.integers(1, 5), window_s=st.sampled_from([0.0, 1.0, 3.0]))
+def test_dynamic_batch_is_handed_back_when_its_longest_member_is_done(make_backend, trace, max_batch, window_s):
+    """Streamed, a member finishes with its own last token; not streamed, the whole
+    batch comes back together, at the finish of its longest member."""
+    pc = PolicyConfig("dynamic", max_batch=max_batch, window_s=window_s)
+    run = run_policy(pc, make_backend, trace, clock=VirtualClock())
+    by_return: dict[float, list[float]] = {}
+    for r in run.results:
+        assert r.returned >= r.finish_s
+        by_return.setdefault(r.returned, []).append(r.finish_s)
+    assert all(max(finishes) == returned for returned, finishes in by_return.items())
+    assert run.metrics["returned_latency_s"]["mean"] >= run.metrics["latency_s"]["mean"]
+    assert run.metrics["wasted_lanes"] == sum(s.width - s.batch for s in run.stats.steps)
+
+
+def test_instances_split_the_cores(make_backend):
+    backends = [make_backend(1) for _ in range(2)]
+    trace = poisson_trace(100.0, 4, (1, 4), (1, 4), seed=1, vocab_size=SMALL.vocab_size)
+    results = run_instances(backends, trace)
+    assert sorted(r.id for r in results) == sorted(r.id for r in trace)
+    assert all(b.threads == max(1, (os.cpu_count() or 1) // 2) for b in backends)
