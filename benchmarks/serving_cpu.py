@@ -135,7 +135,7 @@ def report(rate: float, runs, identical: bool) -> str:
              "| policy | tok/s | mean latency (s) | p99 latency (s) | mean latency, returned whole (s) | mean TTFT (s) "
              "| mean batch | idle rows |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    rows = [("fused (slots {}), mean of 2 runs".format(runs[0].config.slots), fused),
+    rows = [(f"fused (slots {runs[0].config.slots}), mean of 2 runs", fused),
             ("fused, no shuffle, mean of 2 runs", unshuffled)]  # fmt: skip
     rows += [(r.config.label + (" (best)" if r in (dynamic, instances) else ""), r.metrics) for r in others]
     for label, m in rows:
