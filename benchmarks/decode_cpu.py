@@ -45,7 +45,10 @@ ARGS = parse_args()
 for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(ARGS.threads)  # before NumPy, Numba and torch start their thread pools
 
+# isort: off
+import reference  # noqa: E402, F401  (first: it sets the thread settings NumPy's BLAS reads as it loads)
 import numpy as np  # noqa: E402
+# isort: on
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from tqdm import tqdm  # noqa: E402

@@ -21,9 +21,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# isort: off
+import reference  # noqa: E402, F401  (first: it sets the thread settings NumPy's BLAS reads as it loads)
+import numpy as np  # noqa: E402
+# isort: on
 
 from benchmarks.results_file import today, write_section  # noqa: E402
 from numba_kernels.device import cuda_available, device_name, simulated  # noqa: E402

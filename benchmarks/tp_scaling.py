@@ -31,10 +31,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# isort: off
+import reference  # noqa: E402, F401  (first: it sets the thread settings NumPy's BLAS reads as it loads)
+import numpy as np  # noqa: E402
+# isort: on
 
 from benchmarks.results_file import machine, today, write_section  # noqa: E402
 

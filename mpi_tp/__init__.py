@@ -53,6 +53,7 @@ constructor and methods of ``mpi_tp.model.Shard``: it receives a
 [n, C] host arrays to ``comm.reduce_sum`` after each RowParallelLinear.
 """
 
+import reference  # noqa: F401  (first: it sets the thread settings NumPy's BLAS reads as it loads)
 from mpi_tp.backend import TPBackend, install_abort_hook, launch, serve
 from mpi_tp.comm import TPComm
 from mpi_tp.model import NumpyShard, Shard

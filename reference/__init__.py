@@ -10,6 +10,11 @@ import os
 # step at batch 1. A short spin (about ten microseconds) keeps both gains.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# OpenBLAS's threads spin for about 2**28 cycles (0.1 s) after each call; after
+# a BLAS prefill they took the cores from the next few Numba decode steps,
+# which ran 2.5 to 4 times slower (gpt2, 2 cores). 2**4 cycles: sleep at once.
+# OpenBLAS reads this when NumPy loads, so import reference before NumPy.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from reference.backend import Backend, NumpyBackend
 from reference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
