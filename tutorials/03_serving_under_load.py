@@ -280,6 +280,34 @@ show(fig, "03_step_cost.png")
 assert ms[-1] / 16 < ms[0] / 2, "a token costs far less in a batch of 16 than alone"
 
 # %% [markdown]
+# These few numbers bound what any policy can gain. Serial decoding pays a
+# whole batch-1 step per token; a fused batch of 16 pays a sixteenth of its
+# step. Both pay for every prompt's prefill, which fusion cannot share, so
+# spread one prefill over the tokens its request generates and compare:
+#
+#     ceiling = (step(1) + prefill / n_out) / (step(16) / 16 + prefill / n_out)
+#
+# On a GPU a decode step is bound by reading the weights, so a step of 16
+# costs little more than a step of 1 and the ceiling comes near 16. On a CPU
+# the step soon becomes bound by arithmetic and grows with the batch, and the
+# ceiling is lower. `benchmarks/fusion_ceiling.py` measures it for the gpt2
+# shape (6.7x at 32 slots on a 2-core CPU, in `benchmarks/RESULTS.md`).
+
+# %%
+prompt = np.arange(round(np.mean([len(r.prompt_ids) for r in trace]))) % probe.config.vocab_size
+n_out = float(np.mean([r.max_new_tokens for r in trace]))
+prefill_ms = float("inf")
+for _ in range(7):
+    start = time.perf_counter()
+    probe.prefill(0, prompt)
+    prefill_ms = min(prefill_ms, 1e3 * (time.perf_counter() - start))
+per_token = prefill_ms / n_out
+ceiling = (ms[0] + per_token) / (ms[-1] / 16 + per_token)
+print(f"prefill of {len(prompt)} tokens: {prefill_ms:.3f} ms, over {n_out:.1f} generated tokens each")
+print(f"ceiling at 16 slots: {ms[0] / (ms[-1] / 16):.1f}x decode only, {ceiling:.1f}x with prefill")
+assert 1 < ceiling < ms[0] / (ms[-1] / 16), "prefill, paid alike by every policy, lowers the ceiling"
+
+# %% [markdown]
 # A token costs much less inside a batch, so fusion should still beat serial
 # decoding on the wall clock. Serve the same trace for real: `WallClock`
 # replays the arrivals in real time (a run takes at least as long as the
