@@ -71,6 +71,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, config.vocab_size, args.prompt_len)
     prefill_s = median_s(lambda: backend.prefill(0, prompt), args.repeats)
+    blas = make_backend("numpy-blas", config, backend.weights, 1) if args.backend == "numpy" else None
+    blas_prefill_s = median_s(lambda: blas.prefill(0, prompt), args.repeats) if blas else None
     step_s = {}
     for b in batches:
         slots, tokens = np.arange(b), rng.integers(0, config.vocab_size, b)
@@ -87,14 +89,15 @@ def main() -> None:
                      f"| {serial / (s / b + per_prompt):.1f}x |")  # fmt: skip
     table = "\n".join(lines)
     print(table)
-    print(f"prefill of {args.prompt_len} tokens: {1e3 * prefill_s:.1f} ms")
+    versus = f" (with BLAS instead: {1e3 * blas_prefill_s:.1f} ms)" if blas else ""
+    print(f"prefill of {args.prompt_len} tokens: {1e3 * prefill_s:.1f} ms{versus}")
     if args.no_write:
         return
     body = f"""## What fusion can gain on this machine (`{args.model}` shape, `{args.backend}` backend)
 
 `python benchmarks/fusion_ceiling.py` on {machine()}, {today()}. A decode step of B requests with
 {args.position} cached positions each (median of {args.repeats}); a prefill of {args.prompt_len} tokens takes
-{1e3 * prefill_s:.1f} ms, spread here over {args.output_len} generated tokens, the means of the serving trace.
+{1e3 * prefill_s:.1f} ms{versus}, spread here over {args.output_len} generated tokens, the means of the serving trace.
 The last column bounds fused over serial throughput in `serving_cpu` at that batch size (module docstring).
 
 {table}

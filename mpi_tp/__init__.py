@@ -45,8 +45,8 @@ vocabulary-parallel 1.83x the throughput at batch 1 and 1.89x at batch 16,
 replicated 1.64x and 1.78x.
 
 The ``inner`` argument of ``launch`` picks the math on each rank: ``numpy``
-(``mpi_tp.model.NumpyShard``: NumPy prefill, the batch-invariant Numba CPU
-kernels for decode) or ``numba`` (one GPU per rank, rank r on GPU r mod the
+(``mpi_tp.model.NumpyShard``: the batch-invariant Numba CPU kernels for
+prefill and decode) or ``numba`` (one GPU per rank, rank r on GPU r mod the
 GPU count), which needs ``numba_kernels.TPShard``, a class with the
 constructor and methods of ``mpi_tp.model.Shard``: it receives a
 ``ShardWeights`` on the host, keeps it and its KV slots on its GPU, and hands

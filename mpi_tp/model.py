@@ -50,7 +50,7 @@ class Shard(Protocol):
 
 
 class NumpyShard:
-    """The CPU inner: NumPy prefill, batch-invariant Numba decode, KV slots of this rank's heads."""
+    """The CPU inner: batch-invariant Numba prefill and decode, KV slots of this rank's heads."""
 
     def __init__(
         self, config: GPTConfig, shard: ShardWeights, n_slots: int, comm: TPComm, dops: DecodeOps = INVARIANT_OPS
@@ -84,21 +84,22 @@ class NumpyShard:
         return linear(x, layer.w, layer.b)  # [n, C] -> [n, K / N]
 
     def prefill(self, slot: int, tokens: np.ndarray) -> np.ndarray:
-        w, eps, n = self.w, self.config.layer_norm_epsilon, len(tokens)
+        """One prompt alone, with the decode kernels (the fastest here; see ``reference.model.prefill``)."""
+        w, d, eps, n = self.w, self.dops, self.config.layer_norm_epsilon, len(tokens)
         x = self.embed(tokens) + w.wpe[np.arange(n)]  # [T, C]
-        for i, block in enumerate(w.blocks):
-            h = ops.layer_norm(x, block.ln_1.g, block.ln_1.b, eps)  # [T, C]
-            qkv = self.column_parallel(h, block.c_attn, ops.linear)  # [T, C] -> [T, 3 * Hp * D]
+        for i, block in enumerate(self.decode_blocks):
+            h = d.layer_norm(x, block.ln_1.g, block.ln_1.b, eps)  # [T, C]
+            qkv = self.column_parallel(h, block.c_attn, d.linear)  # [T, C] -> [T, 3 * Hp * D]
             q, k, v = (ops.split_heads(t, w.n_head) for t in np.split(qkv, 3, axis=-1))  # 3 x [Hp, T, D]
             self.cache.k[i, slot, :, :n] = k
             self.cache.v[i, slot, :, :n] = v
             a = ops.merge_heads(ops.causal_attention(q, k, v))  # [T, Hp * D]
-            x = x + self.row_parallel(a, block.attn_proj, ops.linear)  # [T, C]
-            h = ops.layer_norm(x, block.ln_2.g, block.ln_2.b, eps)  # [T, C]
-            h = ops.gelu(self.column_parallel(h, block.c_fc, ops.linear))  # [T, C] -> [T, M]
-            x = x + self.row_parallel(h, block.mlp_proj, ops.linear)  # [T, M] -> [T, C]
-        x = ops.layer_norm(x[-1:], w.ln_f.g, w.ln_f.b, eps)  # [1, C]
-        return (x @ w.head_w)[0]  # [1, C] @ [C, V_r] -> [V_r]
+            x = x + self.row_parallel(np.ascontiguousarray(a), block.attn_proj, d.linear)  # [T, C]
+            h = d.layer_norm(x, block.ln_2.g, block.ln_2.b, eps)  # [T, C]
+            h = d.gelu(self.column_parallel(h, block.c_fc, d.linear))  # [T, C] -> [T, M]
+            x = x + self.row_parallel(h, block.mlp_proj, d.linear)  # [T, M] -> [T, C]
+        x = d.layer_norm(x[-1:], w.ln_f.g, w.ln_f.b, eps)  # [1, C]
+        return d.linear(x, self.decode_head, w.head_zero)[0]  # [1, C] @ [C, V_r] -> [V_r]
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         w, d, eps, n = self.w, self.dops, self.config.layer_norm_epsilon, len(slots)

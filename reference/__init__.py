@@ -3,7 +3,7 @@
 import os
 
 # Numba's OpenMP threads spin after each parallel loop by default, stealing the
-# cores that BLAS (prefill) or another model instance needs next; measured on a
+# cores that BLAS or another model instance needs next; measured on a
 # busy 2-core machine, a gpt2 decode step took 364 ms spinning and 118 ms passive.
 # Fully passive threads sleep at once, though, and a decode step runs about a
 # hundred parallel loops: waking them cost 13.3 ms against 10.7 ms for a gpt2

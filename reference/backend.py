@@ -37,7 +37,7 @@ class Backend(Protocol):
 
 
 class NumpyBackend:
-    """GPT-2 on the CPU with NumPy (prefill) and batch-invariant kernels (decode).
+    """GPT-2 on the CPU with batch-invariant kernels (prefill and decode).
 
     ``invariant=False`` decodes with BLAS instead: faster for some batch sizes,
     but a request's logits then depend on its batch, so fused decoding is no
@@ -57,7 +57,7 @@ class NumpyBackend:
         self.head = Linear(self.dops.prepare(weights.head.T), np.zeros(config.vocab_size, np.float32))  # [C, V]
 
     def prefill(self, slot: int, tokens: np.ndarray) -> np.ndarray:
-        return model.prefill(self.weights, self.config, self.cache, slot, tokens)
+        return model.prefill(self.decode_weights, self.config, self.cache, slot, tokens, self.head, self.dops)
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         if self.threads is not None:

@@ -44,24 +44,6 @@ def forward(weights: GPT2Weights, config: GPTConfig, tokens: np.ndarray) -> np.n
     return x @ weights.head.T  # [T, C] @ [C, V] -> [T, V]
 
 
-def prefill(weights: GPT2Weights, config: GPTConfig, cache: KVSlots, slot: int, tokens: np.ndarray) -> np.ndarray:
-    """Run a prompt, store its K and V in ``slot``, return the last position's logits [V].
-
-    A prefill always runs one request on its own, in fused and serial decoding
-    alike, so it may use BLAS: no other request can change its rounding.
-    """
-    tokens = np.asarray(tokens)
-    n = len(tokens)
-    x = weights.wte[tokens] + weights.wpe[np.arange(n)]  # [T, C]
-    for i, block in enumerate(weights.blocks):
-        q, k, v = attention_qkv(x, block, config.n_head, config.layer_norm_epsilon)  # 3 x [H, T, D]
-        cache.k[i, slot, :, :n] = k
-        cache.v[i, slot, :, :n] = v
-        x = block_tail(x, ops.causal_attention(q, k, v), block, config.layer_norm_epsilon)
-    x = ops.layer_norm(x[-1:], weights.ln_f.g, weights.ln_f.b, config.layer_norm_epsilon)  # [1, C]
-    return (x @ weights.head.T)[0]  # [1, C] @ [C, V] -> [V]
-
-
 def as_is(w: np.ndarray) -> np.ndarray:
     return w
 
@@ -111,6 +93,36 @@ def prepare_weights(weights: GPT2Weights, dops: DecodeOps) -> GPT2Weights:
         for b in weights.blocks
     ]  # fmt: skip
     return replace(weights, blocks=blocks)
+
+
+def prefill(weights: GPT2Weights, config: GPTConfig, cache: KVSlots, slot: int, tokens: np.ndarray,
+            head: Linear | None = None, dops: DecodeOps = BLAS_OPS) -> np.ndarray:  # fmt: skip
+    """Run a prompt, store its K and V in ``slot``, return the last position's logits [V].
+
+    A prefill always runs one request on its own, in fused and serial decoding
+    alike, so any kernel may do its matrix products: no other request can
+    change its rounding. The linear weights, and ``head`` (the LM head as a
+    [C, V] linear layer; the tied ``wte`` when None), are in the form
+    ``dops.prepare`` makes; a backend passes the kernels it decodes with.
+    """
+    tokens = np.asarray(tokens)
+    n, eps, n_head = len(tokens), config.layer_norm_epsilon, config.n_head
+    x = weights.wte[tokens] + weights.wpe[np.arange(n)]  # [T, C]
+    for i, block in enumerate(weights.blocks):
+        h = dops.layer_norm(x, block.ln_1.g, block.ln_1.b, eps)  # [T, C]
+        qkv = dops.linear(h, block.c_attn.w, block.c_attn.b)  # [T, C] -> [T, 3C]
+        q, k, v = (ops.split_heads(t, n_head) for t in np.split(qkv, 3, axis=-1))  # 3 x [H, T, D]
+        cache.k[i, slot, :, :n] = k
+        cache.v[i, slot, :, :n] = v
+        a = ops.merge_heads(ops.causal_attention(q, k, v))  # [H, T, D] -> [T, C]
+        x = x + dops.linear(np.ascontiguousarray(a), block.attn_proj.w, block.attn_proj.b)  # [T, C]
+        h = dops.layer_norm(x, block.ln_2.g, block.ln_2.b, eps)  # [T, C]
+        h = dops.gelu(dops.linear(h, block.c_fc.w, block.c_fc.b))  # [T, C] -> [T, 4C]
+        x = x + dops.linear(h, block.mlp_proj.w, block.mlp_proj.b)  # [T, 4C] -> [T, C]
+    x = dops.layer_norm(x[-1:], weights.ln_f.g, weights.ln_f.b, eps)  # [1, C]
+    if head is None:
+        return (x @ weights.head.T)[0]  # [1, C] @ [C, V] -> [V]
+    return dops.linear(x, head.w, head.b)[0]  # [1, C] @ [C, V] -> [V]
 
 
 def decode(

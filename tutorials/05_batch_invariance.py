@@ -214,9 +214,11 @@ assert np.array_equal(solo, batched)
 print("invariant decode: a request's logits are bitwise the same alone and in a batch of 8")
 
 # %% [markdown]
-# What about the prefill? It runs a single request, with BLAS: many rows (the
-# prompt's tokens) but always one request, in every policy alike. No other
-# request can change its rounding, so it needs no special kernel.
+# What about the prefill? It runs a single request: many rows (the prompt's
+# tokens) but always one request, in every policy alike. No other request
+# can change its rounding, so it needs no special kernel; `NumpyBackend`
+# gives it the invariant ones all the same, because on a CPU they are faster
+# than BLAS at these shapes.
 #
 # The price of the invariant kernels is speed: BLAS is tuned to the last
 # cycle, the invariant kernels are simple loops. `benchmarks/RESULTS.md`
