@@ -291,7 +291,7 @@ assert ms[-1] / 16 < ms[0] / 2, "a token costs far less in a batch of 16 than al
 # costs little more than a step of 1 and the ceiling comes near 16. On a CPU
 # the step soon becomes bound by arithmetic and grows with the batch, and the
 # ceiling is lower. `benchmarks/fusion_ceiling.py` measures it for the gpt2
-# shape (6.7x at 32 slots on a 2-core CPU, in `benchmarks/RESULTS.md`).
+# shape (7.5x at 32 slots on a 2-core CPU, in `benchmarks/RESULTS.md`).
 
 # %%
 prompt = np.arange(round(np.mean([len(r.prompt_ids) for r in trace]))) % probe.config.vocab_size
