@@ -39,7 +39,7 @@ class Backend(Protocol):
 class NumpyBackend:
     """GPT-2 on the CPU with batch-invariant kernels (prefill and decode).
 
-    ``invariant=False`` decodes with BLAS instead: faster for some batch sizes,
+    ``invariant=False`` runs on BLAS instead: faster for some batch sizes,
     but a request's logits then depend on its batch, so fused decoding is no
     longer bitwise equal to serial decoding.
     """
@@ -47,7 +47,7 @@ class NumpyBackend:
     def __init__(self, config: GPTConfig, weights: GPT2Weights, n_slots: int = 1, invariant: bool = True,
                  threads: int | None = None) -> None:  # fmt: skip
         self.config = config
-        self.threads = threads  # Numba threads per decode step from the calling thread; None: all
+        self.threads = threads  # Numba threads for this backend's calls from the calling thread; None: all
         self.weights = weights
         self.n_slots = n_slots
         self.invariant = invariant
@@ -56,12 +56,16 @@ class NumpyBackend:
         self.decode_weights = model.prepare_weights(weights, self.dops)  # packed once for the invariant kernels
         self.head = Linear(self.dops.prepare(weights.head.T), np.zeros(config.vocab_size, np.float32))  # [C, V]
 
+    def _use_own_threads(self) -> None:
+        if self.threads is not None:
+            numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))  # per calling thread
+
     def prefill(self, slot: int, tokens: np.ndarray) -> np.ndarray:
+        self._use_own_threads()
         return model.prefill(self.decode_weights, self.config, self.cache, slot, tokens, self.head, self.dops)
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        if self.threads is not None:
-            numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))  # per calling thread
+        self._use_own_threads()
         slots = np.asarray(slots, np.int64)
         return model.decode(
             self.decode_weights, self.config, self.cache, slots,
