@@ -41,8 +41,8 @@ by vocabulary rows, each rank computes 1/N of the logits, at the price of one
 gather of [B, V/N] logits to rank 0 and one [B, C] reduction for the
 embedding lookup. Measured (``benchmarks/tp_scaling.py``, gpt2-medium, two
 ranks with one thread each against one rank, see ``benchmarks/RESULTS.md``):
-vocabulary-parallel 1.83x the throughput at batch 1 and 1.89x at batch 16,
-replicated 1.64x and 1.78x.
+vocabulary-parallel 1.87x the throughput at batch 1 and 1.91x at batch 16,
+replicated 1.65x and 1.74x.
 
 The ``inner`` argument of ``launch`` picks the math on each rank: ``numpy``
 (``mpi_tp.model.NumpyShard``: the batch-invariant Numba CPU kernels for
