@@ -16,19 +16,20 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 # OpenBLAS reads this when NumPy loads, so import reference before NumPy.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from reference.backend import Backend, NumpyBackend
+from reference.backend import Backend, LaneBackend, NumpyBackend
 from reference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from reference.config import PRESETS, GPTConfig, preset
 from reference.generate import check_request, generate, load_model
-from reference.kv import KVSlots
-from reference.model import decode, forward, prefill
+from reference.kv import KVBlocks, KVShape, KVSlots
+from reference.lanes import Lane, plan_rows
+from reference.model import forward
 from reference.sampling import Sampler, SamplingParams
 from reference.tokenizer import ByteTokenizer, load_tokenizer
 from reference.weights import GPT2Weights, init_weights
 
 __all__ = [
-    "Backend", "ByteTokenizer", "CheckpointError", "GPT2Weights", "GPTConfig", "KVSlots",
-    "NumpyBackend", "PRESETS", "Sampler", "SamplingParams", "check_request", "decode",
-    "forward", "generate", "init_weights", "load_checkpoint", "load_model", "load_tokenizer",
-    "preset", "prefill", "save_checkpoint",
+    "Backend", "ByteTokenizer", "CheckpointError", "GPT2Weights", "GPTConfig", "KVBlocks", "KVShape", "KVSlots",
+    "Lane", "LaneBackend", "NumpyBackend", "PRESETS", "Sampler", "SamplingParams", "check_request", "forward",
+    "generate", "init_weights", "load_checkpoint", "load_model", "load_tokenizer", "plan_rows", "preset",
+    "save_checkpoint",
 ]  # fmt: skip

@@ -264,45 +264,63 @@ def gelu_rows(x):  # pragma: no cover - compiled
     return out
 
 
-@njit(parallel=True, error_model="numpy", cache=True)
-def decode_attention(q, k_cache, v_cache, slots, lengths):  # pragma: no cover - compiled
-    """One query per request over its own cached positions.
+def decode_attention(q, k_cache, v_cache, slots, lengths):
+    """Slot-layout decode attention (one query per request, each in its own slot): [B, H, D] -> [B, H, D].
 
-    q: [B, n_head, head_dim]; k_cache, v_cache: [n_slots, n_head, n_ctx, head_dim];
-    request b reads slot ``slots[b]`` positions ``0 .. lengths[b]-1`` and nothing else.
-    -> [B, n_head, head_dim]
+    k_cache, v_cache: [n_slots, H, n_ctx, D]; ``attention_rows`` with one block per row.
+    """
+    slots = np.asarray(slots, np.int64)
+    return attention_rows(q, k_cache, v_cache, slots[:, None], np.arange(len(slots)), np.asarray(lengths, np.int64))
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def attention_rows(q, k_cache, v_cache, block_table, lane, lengths):  # pragma: no cover - compiled
+    """Each row's query over its own lane's cached positions, read through the lane's block table.
+
+    q: [N, H, D]; k_cache, v_cache: [n_blocks, H, block_size, D];
+    block_table: [L, M]; row r belongs to lane ``lane[r]`` and reads its
+    positions ``0 .. lengths[r]-1`` (position p in block
+    ``block_table[lane[r], p // block_size]``) and nothing else. -> [N, H, D]
 
     A score sums head_dim products in ascending order, one ``fma`` each; the
     softmax and the weighted sum of values run over positions in ascending
-    order. Four positions' scores are computed side by side, as four
-    independent sums, and the last n % 4 positions one by one, with the
-    same FMAs.
+    order, whatever the block size. Four positions' scores are computed side
+    by side, as four independent sums, and the rest of a block one by one,
+    with the same FMAs. So a row's result depends only on its own query,
+    length and cached K and V: not on the other rows, the block size, or
+    where its blocks lie. A prefill's rows are causal by their lengths, and
+    bitwise the rows its tokens would give fed one at a time.
     """
     n_rows, n_head, head_dim = q.shape
+    block_size = k_cache.shape[2]
     out = np.empty_like(q)
     scale = np.float32(1.0 / math.sqrt(head_dim))
     for task in prange(n_rows * n_head):
         r = task // n_head
         h = task % n_head
         n = lengths[r]
-        keys, values = k_cache[slots[r], h], v_cache[slots[r], h]  # [n_ctx, D]
+        blocks = block_table[lane[r]]  # [M]
         qh, oh = q[r, h], out[r, h]  # [D]
         scores = np.empty(n, np.float32)
-        n4 = n - n % 4
-        for t in range(0, n4, 4):
-            k0, k1, k2, k3 = keys[t], keys[t + 1], keys[t + 2], keys[t + 3]  # [D] each
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            for d in range(head_dim):
-                s0 = fma(qh[d], k0[d], s0)
-                s1 = fma(qh[d], k1[d], s1)
-                s2 = fma(qh[d], k2[d], s2)
-                s3 = fma(qh[d], k3[d], s3)
-            scores[t], scores[t + 1], scores[t + 2], scores[t + 3] = s0, s1, s2, s3
-        for t in range(n4, n):
-            s = np.float32(0.0)
-            for d in range(head_dim):
-                s = fma(qh[d], keys[t, d], s)
-            scores[t] = s
+        for b in range((n + block_size - 1) // block_size):
+            keys = k_cache[blocks[b], h]  # [block_size, D]
+            t0 = b * block_size
+            m = min(block_size, n - t0)
+            m4 = m - m % 4
+            for t in range(0, m4, 4):
+                k0, k1, k2, k3 = keys[t], keys[t + 1], keys[t + 2], keys[t + 3]  # [D] each
+                s0 = s1 = s2 = s3 = np.float32(0.0)
+                for d in range(head_dim):
+                    s0 = fma(qh[d], k0[d], s0)
+                    s1 = fma(qh[d], k1[d], s1)
+                    s2 = fma(qh[d], k2[d], s2)
+                    s3 = fma(qh[d], k3[d], s3)
+                scores[t0 + t], scores[t0 + t + 1], scores[t0 + t + 2], scores[t0 + t + 3] = s0, s1, s2, s3
+            for t in range(m4, m):
+                s = np.float32(0.0)
+                for d in range(head_dim):
+                    s = fma(qh[d], keys[t, d], s)
+                scores[t0 + t] = s
         best = np.float32(-np.inf)
         for t in range(n):
             scores[t] *= scale
@@ -312,10 +330,13 @@ def decode_attention(q, k_cache, v_cache, slots, lengths):  # pragma: no cover -
             scores[t] = math.exp(scores[t] - best)
             denom += scores[t]
         oh[:] = 0.0
-        for t in range(n):
-            p, vt = scores[t], values[t]  # [D]
-            for d in range(head_dim):
-                oh[d] = fma(p, vt[d], oh[d])
+        for b in range((n + block_size - 1) // block_size):
+            values = v_cache[blocks[b], h]  # [block_size, D]
+            t0 = b * block_size
+            for t in range(min(block_size, n - t0)):
+                p, vt = scores[t0 + t], values[t]  # [D]
+                for d in range(head_dim):
+                    oh[d] = fma(p, vt[d], oh[d])
         for d in range(head_dim):
             oh[d] /= denom
     return out

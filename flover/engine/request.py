@@ -15,54 +15,64 @@ class Request:
     arrival_s: float
     prompt_ids: tuple[int, ...]
     max_new_tokens: int
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
+    sampling: SamplingParams = SamplingParams()
     stop_ids: tuple[int, ...] = ()
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
 
 
 @dataclass(slots=True)
-class Sequence:
-    """A request being served: its sampler, the tokens made so far and its timestamps."""
+class RequestState:
+    """A request being served: its sampler, its tokens, how many of them its KV memory holds, its timestamps.
+
+    ``ids`` is the prompt followed by every generated token; ``cached`` counts
+    the leading ids whose K and V are in memory. The next lane feeds
+    ``ids[cached:]`` (the prompt, a chunk of it, or the last token), and a
+    request that loses its memory (preempted) starts again from cached = 0:
+    its tokens are kept, so recomputing them gives the same logits.
+    """
 
     request: Request
     sampler: Sampler
-    tokens: list[int] = field(default_factory=list)
-    position: int = 0  # where the next fed token goes in the KV cache
-    admitted_s: float = float("nan")  # prefill starts
+    ids: list[int]
+    generated: int = 0
+    cached: int = 0
+    admitted_s: float = float("nan")  # first admitted into memory
     first_token_s: float = float("nan")
     finish_s: float = float("nan")
     logits: list[np.ndarray] | None = None
+    preempted: int = 0  # times its memory was taken back
 
     @classmethod
-    def start(cls, request: Request, keep_logits: bool = False) -> Sequence:
-        return cls(request, Sampler(request.sampling), position=len(request.prompt_ids),
+    def start(cls, request: Request, keep_logits: bool = False) -> RequestState:
+        return cls(request, Sampler(request.sampling), list(request.prompt_ids),
                    logits=[] if keep_logits else None)  # fmt: skip
+
+    @property
+    def tokens(self) -> list[int]:
+        """The generated tokens."""
+        return self.ids[len(self.ids) - self.generated :]
+
+    @property
+    def uncached(self) -> int:
+        """Ids still to feed before the next token can be sampled."""
+        return len(self.ids) - self.cached
 
     @property
     def done(self) -> bool:
         r = self.request
-        return len(self.tokens) >= r.max_new_tokens or (bool(self.tokens) and self.tokens[-1] in r.stop_ids)
+        return self.generated >= r.max_new_tokens or (self.generated > 0 and self.ids[-1] in r.stop_ids)
 
     def accept(self, logits: np.ndarray, now: float) -> bool:
         """Sample the next token from ``logits`` [V]; True when the request is finished."""
         if self.logits is not None:
             self.logits.append(np.array(logits, copy=True))
-        self.tokens.append(self.sampler(logits))
-        if len(self.tokens) == 1:
+        self.ids.append(self.sampler(logits))
+        self.generated += 1
+        if self.generated == 1:
             self.first_token_s = now
         if self.done:
             self.finish_s = now
             return True
         return False
-
-    def advance(self) -> None:
-        self.position += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,15 +86,16 @@ class RequestResult:
     instance: int = 0  # which model instance served it (the instances policy)
     logits: list[np.ndarray] | None = None
     returned_s: float | None = None  # when a server that does not stream hands it back; None: at finish_s
+    preempted: int = 0  # times its KV memory was taken back and recomputed (paged layout)
 
     @property
     def returned(self) -> float:
         return self.finish_s if self.returned_s is None else self.returned_s
 
     @classmethod
-    def of(cls, seq: Sequence, instance: int = 0, returned_s: float | None = None) -> RequestResult:
-        return cls(seq.request.id, seq.request.arrival_s, seq.admitted_s, seq.first_token_s, seq.finish_s,
-                   list(seq.tokens), instance, seq.logits, returned_s)  # fmt: skip
+    def of(cls, state: RequestState, instance: int = 0, returned_s: float | None = None) -> RequestResult:
+        return cls(state.request.id, state.request.arrival_s, state.admitted_s, state.first_token_s, state.finish_s,
+                   list(state.tokens), instance, state.logits, returned_s, state.preempted)  # fmt: skip
 
     def as_json(self) -> dict:
         return {"id": self.id, "tokens": self.tokens, "arrival_s": self.arrival_s,
