@@ -4,15 +4,6 @@ from __future__ import annotations
 
 import codecs
 from pathlib import Path
-from typing import Protocol
-
-
-class Tokenizer(Protocol):
-    vocab_size: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
 
 
 class ByteTokenizer:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flover.models import DEFAULT_MODEL
+from flover.loading import SHIPPED_MODEL
 from reference import ByteTokenizer, NumpyBackend, forward, generate, init_weights, load_checkpoint, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,19 +58,19 @@ FIRST_LINES = {  # what a greedy continuation of each prompt must open with
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_checkpoint(DEFAULT_MODEL)
+    return load_checkpoint(SHIPPED_MODEL)
 
 
 def test_shipped_model_loads_with_reference_loader(shipped):
     config, weights = shipped
     assert config.vocab_size == 256 and len(weights.blocks) == config.n_layer
     assert weights.lm_head is None  # tied to wte
-    assert isinstance(load_tokenizer(DEFAULT_MODEL), ByteTokenizer)
+    assert isinstance(load_tokenizer(SHIPPED_MODEL), ByteTokenizer)
 
 
 def test_shipped_model_is_small(shipped):
     config, _ = shipped
-    assert (DEFAULT_MODEL / "model.safetensors").stat().st_size < MAX_BYTES
+    assert (SHIPPED_MODEL / "model.safetensors").stat().st_size < MAX_BYTES
     assert config.n_layer <= 6 and config.n_embd <= 256 and config.n_ctx <= 512
 
 
@@ -105,21 +105,21 @@ def test_shipped_model_predicts_unseen_python(shipped):
 
 
 def test_training_record_has_final_losses():
-    record = json.loads((DEFAULT_MODEL / "training.json").read_text())
+    record = json.loads((SHIPPED_MODEL / "training.json").read_text())
     for split in ("train", "validation"):
         loss = record["loss"][split]
         assert 0 < loss["nats_per_byte"] < np.log(256)
         assert loss["bits_per_byte"] == pytest.approx(loss["nats_per_byte"] / np.log(2), abs=1e-3)
     assert record["steps"] >= 1 and record["train_seconds"] > 0
     assert record["command"].startswith("python tools/train_tiny.py")
-    assert "validation" in (DEFAULT_MODEL / "TRAINING.md").read_text()
+    assert "validation" in (SHIPPED_MODEL / "TRAINING.md").read_text()
 
 
 def test_shipped_logits_equal_torch(shipped):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     config, weights = shipped
-    model = transformers.GPT2LMHeadModel.from_pretrained(DEFAULT_MODEL).eval()
+    model = transformers.GPT2LMHeadModel.from_pretrained(SHIPPED_MODEL).eval()
     tokens = np.frombuffer(PYTHON_SNIPPET.encode(), np.uint8).astype(np.int64)[: config.n_ctx]
     with torch.no_grad():
         expected = model(torch.from_numpy(tokens)[None]).logits[0].numpy()

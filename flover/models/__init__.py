@@ -1,12 +1,6 @@
 """Checkpoints shipped with flover, so the demo runs a trained model with no download.
 
 ``tiny-py`` is a byte-level GPT-2 trained on the Python standard library by
-``tools/train_tiny.py``; its ``TRAINING.md`` records how.
+``tools/train_tiny.py``; its ``TRAINING.md`` records how. Its path is
+``flover.loading.SHIPPED_MODEL``.
 """
-
-from __future__ import annotations
-
-from pathlib import Path
-
-MODELS_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL = MODELS_DIR / "tiny-py"
