@@ -17,24 +17,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import harness  # first of ours: puts the repository on sys.path, loads no NumPy
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, quick="tiny preset, 2 rounds: checks the script runs")
     p.add_argument("--model", default="gpt2")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--position", type=int, default=128, help="cached positions before the decoded token")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
-    p.add_argument("--quick", action="store_true", help="tiny preset, 2 rounds: checks the script runs")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = p.parse_args()
     if args.quick:
         args.model, args.batches, args.position, args.rounds, args.steps, args.no_write = "tiny", "1,4", 16, 2, 3, True
@@ -42,18 +36,13 @@ def parse_args() -> argparse.Namespace:
 
 
 ARGS = parse_args()
-for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[var] = str(ARGS.threads)  # before NumPy, Numba and torch start their thread pools
+harness.start(threads=ARGS.threads)  # before NumPy, Numba and torch start their thread pools
 
-# isort: off
-import reference  # noqa: E402, F401  (first: it sets the thread settings NumPy's BLAS reads as it loads)
 import numpy as np  # noqa: E402
-# isort: on
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.results_file import machine, today, write_section  # noqa: E402
 from reference import GPTConfig, NumpyBackend, init_weights, preset  # noqa: E402
 from reference.checkpoint import config_to_json, weights_to_tensors  # noqa: E402
 
@@ -100,29 +89,15 @@ class HFStep:
 class OurStep:
     """One decode step of B requests in our backend, at position ``position`` of slots 0..B-1."""
 
-    def __init__(self, backend: NumpyBackend, config: GPTConfig, batch: int, position: int) -> None:
-        self.backend = backend
+    def __init__(self, backend: NumpyBackend, batch: int, position: int) -> None:
         rng = np.random.default_rng(2)
         shape = backend.cache.k[:, :batch, :, :position].shape  # [L, B, H, P, D]
         backend.cache.k[:, :batch, :, :position] = rng.standard_normal(shape, dtype=np.float32)
         backend.cache.v[:, :batch, :, :position] = rng.standard_normal(shape, dtype=np.float32)
-        self.slots = np.arange(batch)
-        self.tokens = rng.integers(0, config.vocab_size, size=batch)
-        self.positions = np.full(batch, position)
+        self.step = harness.decode_step(backend, batch, position)
 
     def __call__(self) -> np.ndarray:
-        return self.backend.decode(self.slots, self.tokens, self.positions)
-
-
-def median_ms(step, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):  # also lets the previous variant's spinning threads go to sleep
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+        return self.step()
 
 
 def vector_width() -> str:
@@ -152,15 +127,11 @@ def main() -> None:
     for b in batches:
         steps[("hf", b)] = HFStep(model, config, b, ARGS.position)
         for name, backend in backends.items():
-            steps[(name, b)] = OurStep(backend, config, b, ARGS.position)
+            steps[(name, b)] = OurStep(backend, b, ARGS.position)
 
-    best: dict[tuple[str, int], float] = {}
+    measures = {key: lambda step=step: 1e3 * harness.median_s(step, ARGS.steps, warmup=2) for key, step in steps.items()}
     with tqdm(total=ARGS.rounds * len(steps), desc="decode steps", unit="variant") as bar:
-        for _ in range(ARGS.rounds):
-            for key, step in steps.items():
-                ms = median_ms(step, ARGS.steps)
-                best[key] = min(best.get(key, np.inf), ms)
-                bar.update()
+        best = harness.best_of_rounds(measures, ARGS.rounds, after_each=bar.update)
     report(config, batches, best)
 
 
@@ -194,10 +165,9 @@ def report(config: GPTConfig, batches: list[int], best: dict) -> None:
     print(f"Numba vectors: {vector_width()}")
     if ARGS.no_write:
         return
-    command = "python benchmarks/decode_cpu.py" + (f" --threads {ARGS.threads}" if ARGS.threads != 2 else "")
     body = f"""## Decode step on the CPU: ours vs transformers
 
-`{command}` on {machine()}, {today()}; load average at the end {os.getloadavg()[0]:.1f}.
+`{harness.command_line()}` on {harness.machine()}, {harness.today()}; load average at the end {os.getloadavg()[0]:.1f}.
 Model `{ARGS.model}` (random weights, fp32), {ARGS.threads} threads each for Numba, BLAS and torch
 (transformers {transformers.__version__}, torch {torch.__version__}). A step decodes B requests
 with {ARGS.position} cached positions each; a figure is the best of {ARGS.rounds} rounds' median of {ARGS.steps}
@@ -208,8 +178,7 @@ steps. "vs transformers" is transformers' time divided by ours (above 1: we are 
 Tokens per second: {"; ".join(tokens)}.
 Numba's vectors: {vector_width()}.
 """
-    write_section("decode_cpu", body)
-    print("written to benchmarks/RESULTS.md")
+    harness.write_section("decode_cpu", body)
 
 
 if __name__ == "__main__":

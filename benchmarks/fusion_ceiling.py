@@ -20,36 +20,18 @@ serving benchmark uses, and prints the ceiling.
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
-from pathlib import Path
+import harness  # first of ours: puts the repository on sys.path, loads no NumPy
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+harness.start()
 
-# isort: off
-import reference  # noqa: E402, F401  (first: it sets the thread settings NumPy's BLAS reads as it loads)
 import numpy as np  # noqa: E402
-# isort: on
 
-from benchmarks.results_file import machine, today, write_section  # noqa: E402
 from flover.backends import make_backend  # noqa: E402
-from flover.runner import warm_up  # noqa: E402
 from reference import init_weights, preset  # noqa: E402
 
 
-def median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, quick="tiny preset: checks the script runs")
     p.add_argument("--model", default="gpt2")
     p.add_argument("--backend", default="numpy")
     p.add_argument("--batches", default="1,8,16,32,64")
@@ -57,8 +39,6 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=40, help="mean prompt length (serving_cpu: uniform 16..64)")
     p.add_argument("--output-len", type=int, default=80, help="mean generated tokens (serving_cpu: uniform 32..128)")
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--quick", action="store_true", help="tiny preset: checks the script runs")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = p.parse_args()
     if args.quick:
         args.model, args.batches, args.position, args.prompt_len, args.output_len = "tiny", "1,4", 8, 4, 8
@@ -67,17 +47,11 @@ def main() -> None:
     config = preset(args.model)
     batches = [int(b) for b in args.batches.split(",")]
     backend = make_backend(args.backend, config, init_weights(config, seed=0), max(batches))
-    warm_up(backend, config)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, config.vocab_size, args.prompt_len)
-    prefill_s = median_s(lambda: backend.prefill(0, prompt), args.repeats)
+    prompt = np.random.default_rng(0).integers(0, config.vocab_size, args.prompt_len)
+    prefill_s = harness.median_s(lambda: backend.prefill(0, prompt), args.repeats)  # the untimed first call compiles
     blas = make_backend("numpy-blas", config, backend.weights, 1) if args.backend == "numpy" else None
-    blas_prefill_s = median_s(lambda: blas.prefill(0, prompt), args.repeats) if blas else None
-    step_s = {}
-    for b in batches:
-        slots, tokens = np.arange(b), rng.integers(0, config.vocab_size, b)
-        positions = np.full(b, args.position)
-        step_s[b] = median_s(lambda: backend.decode(slots, tokens, positions), args.repeats)  # noqa: B023
+    blas_prefill_s = harness.median_s(lambda: blas.prefill(0, prompt), args.repeats) if blas else None
+    step_s = {b: harness.median_s(harness.decode_step(backend, b, args.position), args.repeats) for b in batches}
 
     per_prompt = prefill_s / args.output_len  # prefill time per generated token
     serial = step_s[1] + per_prompt
@@ -95,15 +69,14 @@ def main() -> None:
         return
     body = f"""## What fusion can gain on this machine (`{args.model}` shape, `{args.backend}` backend)
 
-`python benchmarks/fusion_ceiling.py` on {machine()}, {today()}. A decode step of B requests with
+`{harness.command_line()}` on {harness.machine()}, {harness.today()}. A decode step of B requests with
 {args.position} cached positions each (median of {args.repeats}); a prefill of {args.prompt_len} tokens takes
 {1e3 * prefill_s:.1f} ms{versus}, spread here over {args.output_len} generated tokens, the means of the serving trace.
 The last column bounds fused over serial throughput in `serving_cpu` at that batch size (module docstring).
 
 {table}
 """
-    write_section("fusion_ceiling", body)
-    print("wrote benchmarks/RESULTS.md")
+    harness.write_section("fusion_ceiling", body)
 
 
 if __name__ == "__main__":

@@ -16,19 +16,15 @@ did not measure.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import harness  # first of ours: puts the repository on sys.path, loads no NumPy
 
-# isort: off
-import reference  # noqa: E402, F401  (first: it sets the thread settings NumPy's BLAS reads as it loads)
+harness.start()
+
 import numpy as np  # noqa: E402
-# isort: on
 
-from benchmarks.results_file import today, write_section  # noqa: E402
 from numba_kernels.device import cuda_available, device_name, simulated  # noqa: E402
 from reference import init_weights, preset  # noqa: E402
 
@@ -218,8 +214,7 @@ def step_rows(model: str, batches, copy_gbs: float) -> list[Row]:
     n_bytes = 4 * (weights.wte.size + sum(lin.w.size for blk in weights.blocks
                                           for lin in (blk.c_attn, blk.attn_proj, blk.c_fc, blk.mlp_proj)))  # fmt: skip
     for batch in batches:  # the cache holds whatever memory held: the time does not depend on values
-        slots, tokens, positions = np.arange(batch), np.zeros(batch, np.int64), np.full(batch, CONTEXT // 2)
-        ms = host_time_ms(backend.decode, slots, tokens, positions)
+        ms = host_time_ms(harness.decode_step(backend, batch, CONTEXT // 2))
         rows.append(Row("decode step (backend, host-timed)", model, batch,
                         f"{config.n_layer} layers, {CONTEXT // 2} positions", 1e3 * ms, n_bytes / ms / 1e6, "GB/s",
                         copy_gbs, host_us=1e3 * ms))  # fmt: skip
@@ -267,14 +262,12 @@ def policies_section(model: str, rate: float, n_requests: int, prompt_len=(16, 6
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="gpt2 shapes, batch 1 and 16; prints, writes nothing")
+    p = harness.parser(__doc__, quick="gpt2 shapes, batch 1 and 16; prints, writes nothing")
     p.add_argument("--policies", action="store_true", help="also the serving policies end to end (needs flover)")
     p.add_argument("--rate", type=float, default=8.0, help="arrivals per second for --policies")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--prompt-len", default="16:64", help="for --policies: min:max tokens")
     p.add_argument("--output-len", default="32:128", help="for --policies: min:max tokens")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = p.parse_args()
     if simulated():
         print("NUMBA_ENABLE_CUDASIM is set: the simulator's timings mean nothing; run this on a GPU")
@@ -293,8 +286,8 @@ def main() -> int:
         rows += shuffle_rows(model, (1, 4) if args.quick else (1, 4, 16), copy_gbs)
         rows += elementwise_rows(model, max(batches), copy_gbs)
     rows += step_rows("gpt2", batches, copy_gbs)
-    header = (f"## Numba CUDA kernels on {device_name()}\n\nCommand: `python benchmarks/gpu_kernels.py"
-              f"{' --quick' if args.quick else ''}`. Date: {today()}. Ceilings measured in the same run: copy "
+    header = (f"## Numba CUDA kernels on {device_name()}\n\nCommand: `{harness.command_line()}`. Date: {harness.today()}. "
+              f"Ceilings measured in the same run: copy "
               f"{copy_gbs:,.0f} GB/s (1 GiB device-to-device, read + write); torch fp32 matmul, TF32 off: "
               + (f"{peak:,.0f} GFLOP/s at 4096^3" if peak else "n/a (torch without CUDA)")
               + ". GPU time with launches queued behind a holding kernel; host time is one call as Python sees it."
@@ -306,8 +299,7 @@ def main() -> int:
         body += "\n\n" + policies_section("gpt2", args.rate, args.requests, *lengths)
     print(body)
     if not (args.quick or args.no_write):
-        write_section("gpu_kernels", body)
-        print("wrote benchmarks/RESULTS.md")
+        harness.write_section("gpu_kernels", body)
     return 0
 
 

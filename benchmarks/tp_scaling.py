@@ -31,15 +31,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import harness  # first of ours: puts the repository on sys.path, loads no NumPy
 
-# isort: off
-import reference  # noqa: E402, F401  (first: it sets the thread settings NumPy's BLAS reads as it loads)
+harness.start()  # each rank's threads come from its environment (run_variant)
+
 import numpy as np  # noqa: E402
-# isort: on
-
-from benchmarks.results_file import machine, today, write_section  # noqa: E402
 
 VARIANTS = {  # key: (what the table calls it, ranks, threads per rank, launch options)
     "1": ("1 rank", 1, 1, {}),
@@ -87,13 +83,10 @@ def job(model: str, batches: list[int], position: int, steps: int, options: dict
         return
     out = []
     for batch in batches:
-        slots, tokens, positions = np.arange(batch), np.zeros(batch, np.int64), np.full(batch, position)
-        backend.decode(slots, tokens, positions)  # warm up
-        times, comm = [], backend.comm_seconds()
-        for _ in range(steps):
-            start = time.perf_counter()
-            backend.decode(slots, tokens, positions)
-            times.append(time.perf_counter() - start)
+        step = harness.decode_step(backend, batch, position)
+        step()  # warm up
+        comm = backend.comm_seconds()
+        times = harness.times_s(step, steps, warmup=0)
         share = (backend.comm_seconds() - comm) / sum(times)  # [N] fraction of the steps' time
         best, median = min(times), float(np.median(times))
         out.append(dict(batch=batch, step_s=best, median_s=median, tokens_per_s=batch / best, comm_share=share.tolist(),
@@ -128,7 +121,7 @@ def wait_for_quiet(threshold: float, max_wait_s: float) -> float:
 def run_variant(name: str, args: argparse.Namespace) -> list[dict]:
     _, ranks, threads, options = VARIANTS[name]
     busy = wait_for_quiet(args.quiet_below, args.max_wait_s) if os.path.exists("/proc/stat") else float("nan")
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, **harness.thread_env(threads), PYTHONPATH=str(harness.ROOT))
     mpiexec = Path(sys.executable).parent / "mpiexec"
     command = [str(mpiexec if mpiexec.exists() else "mpiexec"), "-n", str(ranks), sys.executable, "-m", "mpi4py",
                __file__, "--job", json.dumps(options), "--model", args.model, "--batches", args.batches,
@@ -158,7 +151,7 @@ def table(best: dict[str, list[dict]], batches: list[int]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, quick="tiny preset, 1 round, no wait for idle cores: checks the script runs")
     p.add_argument("--model", default="gpt2-medium")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--position", type=int, default=128, help="the context position every request decodes at")
@@ -167,15 +160,13 @@ def main() -> None:
     p.add_argument("--quiet-below", type=float, default=0.15, help="start a job once the cores are this idle")
     p.add_argument("--max-wait-s", type=float, default=300, help="longest wait for quiet before a job")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated keys of VARIANTS (1 first)")
-    p.add_argument("--quick", action="store_true", help="tiny preset, 1 round: checks the script runs")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     p.add_argument("--job", help=argparse.SUPPRESS)
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.job is not None:
         return job(args.model, batches, args.position, args.steps, json.loads(args.job))
     if args.quick:
-        args.model, args.rounds, args.steps, args.position, args.no_write = "tiny", 1, 3, 16, True
+        args.model, args.rounds, args.steps, args.position, args.max_wait_s, args.no_write = "tiny", 1, 3, 16, 0, True
     names = args.variants.split(",")
     best: dict[str, list[dict]] = {}
     for round_ in range(args.rounds):
@@ -192,15 +183,14 @@ def main() -> None:
             f"batch {b}: {r:.2f}x ({'met' if r >= 1.7 else 'not met'})" for b, r in zip(batches, ratios, strict=True)
         )
     print(figures)
-    command = "python benchmarks/tp_scaling.py " + " ".join(sys.argv[1:])
     body = (
         f"## Tensor parallelism on CPU ranks (`{args.model}`)\n\n"
-        f"Command: `{command.strip()}`  \nMachine: {machine()}  \nDate: {today()}  \n"
+        f"Command: `{harness.command_line()}`  \nMachine: {harness.machine()}  \nDate: {harness.today()}  \n"
         f"Decode step at position {args.position}, one BLAS and one Numba thread per rank unless named; "
         f"fastest of {args.rounds} rounds x {args.steps} steps.\n\n{figures}\n"
     )
     if not args.no_write:
-        write_section("tp_scaling", body)
+        harness.write_section("tp_scaling", body)
 
 
 if __name__ == "__main__":
