@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from reference import GPT2Weights, GPTConfig, NumpyBackend
+from dataclasses import dataclass
+
+from reference import GPT2Weights, GPTConfig, KVShape, NumpyBackend
 from reference.backend import Backend
 
 BACKENDS = ("numpy", "numpy-blas", "numba")
 
 
-def make_backend(name: str, config: GPTConfig, weights: GPT2Weights, n_slots: int) -> Backend:
+def make_backend(name: str, config: GPTConfig, weights: GPT2Weights, kv: int | KVShape) -> Backend:
     """``numpy``: batch-invariant CPU kernels (the default, bitwise fused == serial);
-    ``numpy-blas``: BLAS decode, fastest for one request, not batch invariant;
-    ``numba``: Numba CUDA kernels on a GPU (or the CUDA simulator)."""
+    ``numpy-blas``: BLAS steps, fastest for one request, not batch invariant;
+    ``numba``: Numba CUDA kernels on a GPU (or the CUDA simulator).
+    ``kv``: the KV memory, as a number of full-context slots or a ``KVShape``."""
     if name == "numpy":
-        return NumpyBackend(config, weights, n_slots, invariant=True)
+        return NumpyBackend(config, weights, kv, invariant=True)
     if name == "numpy-blas":
-        return NumpyBackend(config, weights, n_slots, invariant=False)
+        return NumpyBackend(config, weights, kv, invariant=False)
     if name == "numba":
         import numba_kernels
 
@@ -25,5 +28,17 @@ def make_backend(name: str, config: GPTConfig, weights: GPT2Weights, n_slots: in
             raise ValueError(f"backend 'numba': {missing}") from None
         from numba_kernels.backend import NumbaBackend
 
-        return NumbaBackend(config, weights, n_slots)
+        return NumbaBackend(config, weights, kv)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+@dataclass(frozen=True)
+class BackendFactory:
+    """Fresh backends of one model for any KV memory; picklable, so instance processes build their own."""
+
+    name: str
+    config: GPTConfig
+    weights: GPT2Weights
+
+    def __call__(self, kv: int | KVShape) -> Backend:
+        return make_backend(self.name, self.config, self.weights, kv)

@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from flover.commands import bench, demo, generate, sweep, trace
+from flover.commands.parser import Parser, UsageError
 from reference import CheckpointError
 
-
-class UsageError(ValueError):
-    """A bad flag or value, reported as one line."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + message
-        raise UsageError(f"{self.prog}: {message}")
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+COMMANDS = (generate, trace, bench, sweep, demo)
 
 
 def build_parser() -> Parser:
-    from flover.commands import bench, demo, generate, sweep, trace
-
     parser = Parser(prog="flover", description="Temporal fusion for autoregressive inference.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for module in (generate, trace, bench, sweep, demo):
+    for module in COMMANDS:
         module.add_parser(sub)
     return parser
 

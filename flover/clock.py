@@ -4,31 +4,43 @@ whose time moves only by modelled costs, so every run is deterministic."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+
+from reference import Lane
+
+MAX_WAIT_S = 7 * 24 * 3600.0  # the longest a wall clock will sleep for an arrival
 
 
 class WallClock:
-    """Seconds since the run started; waiting sleeps."""
+    """Seconds since ``start`` (a ``time.perf_counter()`` reading, by default now); waiting sleeps.
 
-    def __init__(self) -> None:
-        self._start = time.perf_counter()
+    ``perf_counter`` is the system's monotonic clock on Linux, the same in
+    every process, so instances in other processes can share a start.
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self.start = time.perf_counter() if start is None else start
 
     def now(self) -> float:
-        return time.perf_counter() - self._start
+        return time.perf_counter() - self.start
 
     def wait_until(self, t: float) -> None:
         delay = t - self.now()
+        if delay > MAX_WAIT_S:
+            raise ValueError(f"an arrival {t:g} s after the start is more than {MAX_WAIT_S:g} s away")
         if delay > 0:
             time.sleep(delay)
 
-    def spend(self, kind: str, n: int = 1) -> None:
+    def spend(self, lanes: Sequence[Lane], prefill: int) -> None:
         """Real work takes its real time."""
 
 
 class VirtualClock:
     """Time that advances only when the engine waits or runs modelled work.
 
-    A prefill costs ``prefill_s``, a decode step ``step_s`` whatever its batch:
-    the idealised cost model of a memory-bound decode step.
+    A step costs ``prefill_s`` for each prefill lane in it (a prompt, a chunk
+    of one, or a recomputation) and ``step_s`` if it decodes at all, whatever
+    its batch: the idealised cost model of a memory-bound decode step.
     """
 
     def __init__(self, step_s: float = 1.0, prefill_s: float = 1.0, start: float = 0.0) -> None:
@@ -41,8 +53,8 @@ class VirtualClock:
     def wait_until(self, t: float) -> None:
         self._now = max(self._now, t)
 
-    def spend(self, kind: str, n: int = 1) -> None:
-        self._now += n * (self.prefill_s if kind == "prefill" else self.step_s)
+    def spend(self, lanes: Sequence[Lane], prefill: int) -> None:
+        self._now += prefill * self.prefill_s + (self.step_s if len(lanes) > prefill else 0.0)
 
     def fork(self, start: float) -> VirtualClock:
         return VirtualClock(self.step_s, self.prefill_s, start)

@@ -28,13 +28,14 @@ def timeline(run: RunResult, path: Path) -> Path:
     top.set_title(f"{run.config.label}: {len(results)} requests")
     top.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for _, c in PHASES],
                labels=[name for name, _ in PHASES], loc="upper left", fontsize=8)  # fmt: skip
-    steps = run.stats.steps
+    steps = sorted(run.stats.steps, key=lambda s: s.start_s)
     if steps:
         times = [s.start_s for s in steps] + [steps[-1].end_s]
         bottom.step(times, [s.batch for s in steps] + [steps[-1].batch], where="post", color="#4e79a7", label="requests")
-        if any(s.width != s.batch for s in steps):
-            bottom.step(times, [s.width for s in steps] + [steps[-1].width], where="post", color="#e15759",
-                        alpha=0.6, label="slots computed")  # fmt: skip
+        if any(s.idle_rows for s in steps):
+            lanes = [s.batch + s.idle_rows for s in steps]
+            bottom.step(times, lanes + lanes[-1:], where="post", color="#e15759", alpha=0.6,
+                        label="lanes computed, idle ones too")  # fmt: skip
             bottom.legend(fontsize=8, loc="upper right")
     bottom.set_ylabel("batch per step")
     bottom.set_xlabel("time (s)")

@@ -27,7 +27,7 @@ def table(runs: Sequence[RunResult]) -> str:
                      f"{m['latency_s']['mean']:.3f}s", f"{m['latency_s']['p50']:.3f}s",
                      f"{m['latency_s']['p99']:.3f}s", f"{m['returned_latency_s']['mean']:.3f}s",
                      f"{m['ttft_s']['mean']:.3f}s", f"{m['tpot_s']['mean'] * 1e3:.1f}ms", f"{m['makespan_s']:.2f}s",
-                     f"{m['mean_batch']:.1f}", f"{m['wasted_lanes'] / max(m['lanes'], 1):.0%}"))  # fmt: skip
+                     f"{m['mean_batch']:.1f}", f"{m['idle_rows'] / max(m['rows'], 1):.0%}"))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]  # fmt: skip

@@ -1,4 +1,8 @@
-"""Run one serving policy over a trace and collect what a report needs."""
+"""Run one serving policy over a trace and collect what a report needs.
+
+A policy is a scheduler, a KV layout and their settings; every policy but
+``instances`` runs on the one engine loop (``flover.engine.Engine``).
+"""
 
 from __future__ import annotations
 
@@ -7,50 +11,105 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from flover.clock import WallClock
-from flover.engine import EngineStats, FusionEngine
+from flover.clock import VirtualClock, WallClock
+from flover.engine import (
+    DynamicScheduler,
+    Engine,
+    EngineStats,
+    FusedScheduler,
+    InstanceProcesses,
+    PagedLayout,
+    Request,  # fmt: skip
+    RequestResult,
+    Scheduler,
+    SerialScheduler,
+    SlotLayout,
+    simulate_instances,
+)
+from flover.engine.kv_layout import KVLayout
 from flover.metrics import summarize
-from flover.policies import run_dynamic, run_instances, run_serial
-from flover.request import Request, RequestResult
-from reference import GPTConfig, check_request
+from reference import GPTConfig, KVShape, Lane, check_request
 from reference.backend import Backend
+from reference.kv import bytes_per_position
 
 POLICIES = ("fused", "serial", "dynamic", "instances")
+LAYOUTS = ("slots", "paged")
+PREFILLS = ("alone", "chunked")
 
-BackendFactory = Callable[[int], Backend]  # n_slots -> a fresh backend
+BackendFactory = Callable[[int | KVShape], Backend]  # KV memory -> a fresh backend
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
     policy: str = "fused"
-    slots: int = 16  # fused: KV slots, the most requests fused in one step
-    shuffle: bool = True  # fused: Flover's memory shuffle
+    slots: int = 16  # fused: KV slots, the most requests fused in one step (and the default KV budget)
+    shuffle: bool = True  # fused, slots: Flover's memory shuffle
+    kv: str = "slots"  # fused: KV layout, slots or paged
+    block_size: int = 16  # paged: positions per block
+    kv_memory_gib: float | None = None  # fused: the KV budget; None: what `slots` full-context slots need
+    prefill: str = "alone"  # fused: each prompt alone, or chunked into the decode steps
+    chunk_tokens: int = 256  # chunked: the most tokens in one step
     max_batch: int = 16  # dynamic
-    window_s: float = 0.05  # dynamic: how long a batch waits after its first request
+    queue_delay_s: float = 0.05  # dynamic: how long a batch waits after its first request
     instances: int = 2  # instances
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)} or all")
-        for name in ("slots", "max_batch", "instances"):
+        for name, allowed in (("kv", LAYOUTS), ("prefill", PREFILLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("slots", "max_batch", "instances", "block_size", "chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.window_s < 0:
-            raise ValueError(f"window must be >= 0 ms, got {self.window_s * 1e3:g}")
+        if not self.queue_delay_s >= 0:
+            raise ValueError(f"queue delay must be >= 0 ms, got {self.queue_delay_s * 1e3:g}")
+        if self.kv_memory_gib is not None and not self.kv_memory_gib > 0:
+            raise ValueError(f"kv-memory must be > 0 GiB, got {self.kv_memory_gib:g}")
 
     @property
     def label(self) -> str:
         if self.policy == "fused":
-            return f"fused (slots {self.slots}{'' if self.shuffle else ', no shuffle'})"
+            memory = f"paged {self.block_size}" if self.kv == "paged" else f"slots {self.slots}"
+            memory += "" if self.kv == "paged" or self.shuffle else ", no shuffle"
+            memory += "" if self.kv_memory_gib is None else f", {self.kv_memory_gib:g} GiB"
+            chunked = f", chunked {self.chunk_tokens}" if self.prefill == "chunked" else ""
+            return f"fused ({memory}{chunked})"
         if self.policy == "dynamic":
-            return f"dynamic (batch {self.max_batch}, window {self.window_s * 1e3:g} ms)"
+            return f"dynamic (batch {self.max_batch}, delay {self.queue_delay_s * 1e3:g} ms)"
         if self.policy == "instances":
             return f"instances ({self.instances})"
         return "serial"
 
-    @property
-    def slots_needed(self) -> int:
-        return {"fused": self.slots, "dynamic": self.max_batch}.get(self.policy, 1)
+    def kv_budget(self, config: GPTConfig) -> int:
+        """Bytes of KV memory the policy may use."""
+        if self.policy == "fused" and self.kv_memory_gib is not None:
+            return int(self.kv_memory_gib * 2**30)
+        slots = {"fused": self.slots, "dynamic": self.max_batch}.get(self.policy, 1)
+        return slots * bytes_per_position(config) * config.n_ctx
+
+    def layout(self, config: GPTConfig) -> KVLayout:
+        """A fresh KV layout sized from the budget (instances: each instance's own)."""
+        budget = self.kv_budget(config)
+        if self.policy == "fused" and self.kv == "paged":
+            n_blocks = budget // (bytes_per_position(config) * self.block_size)
+            if n_blocks < 1:
+                raise ValueError(f"--kv-memory {budget / 2**30:g} GiB holds no block of {self.block_size} positions")
+            return PagedLayout(config, n_blocks, self.block_size)
+        slot = bytes_per_position(config) * config.n_ctx
+        if budget < slot:
+            raise ValueError(f"--kv-memory {budget / 2**30:g} GiB holds no slot of {config.n_ctx} positions "
+                             f"({slot / 2**20:.1f} MiB); raise it")  # fmt: skip
+        if self.policy == "dynamic":  # finished members stay in the batch as padding
+            return SlotLayout(config, budget // slot, shuffle=False, pad_batch=True)
+        return SlotLayout(config, budget // slot, shuffle=self.shuffle or self.policy != "fused")
+
+    def scheduler(self) -> Scheduler:
+        if self.policy == "fused":
+            return FusedScheduler(self.prefill, self.chunk_tokens)
+        if self.policy == "dynamic":
+            return DynamicScheduler(self.max_batch, self.queue_delay_s)
+        return SerialScheduler()
 
 
 @dataclass(slots=True)
@@ -78,35 +137,53 @@ def check_trace(config: GPTConfig, requests: Sequence[Request]) -> None:
             raise ValueError(f"request {r.id!r}: {error}") from None
 
 
-def warm_up(backend: Backend, config: GPTConfig) -> None:
+def warm_up(backend: Backend) -> None:
     """Compile and page in everything a run touches, so no policy pays for it."""
+    config, m = backend.config, backend.kv.blocks_per_slot(backend.config)
     tokens = np.arange(4) % config.vocab_size
-    for slot in range(min(backend.n_slots, 2)):
-        backend.prefill(slot, tokens)
-    for n in sorted({1, min(backend.n_slots, 2)}):
-        backend.decode(np.arange(n), tokens[:n], np.full(n, 4))
+    lanes = [Lane.of(np.arange(s * m, (s + 1) * m), tokens, 0) for s in range(min(backend.n_slots, 2))]
+    for lane in lanes:
+        backend.step([lane])
+    backend.step([Lane.of(lane.blocks, tokens[:1], 4) for lane in lanes])
+    backend.step([Lane.of(lanes[0].blocks, tokens[:1], 4)])
+
+
+def fits(have: KVShape, need: KVShape) -> bool:
+    return have.block_size == need.block_size and have.n_blocks >= need.n_blocks
 
 
 def run_policy(pc: PolicyConfig, make_backend: BackendFactory, requests: Sequence[Request], clock=None,
                keep_logits: bool = False, on_finish=None, backend: Backend | None = None) -> RunResult:  # fmt: skip
-    """Serve ``requests`` under one policy. ``backend`` may be reused between policies
-    when it has enough slots; ``instances`` always makes its own single-slot backends."""
+    """Serve ``requests`` under one policy. ``backend`` is reused when its KV memory fits the
+    policy's layout; ``instances`` always makes its own single-slot backends."""
+    config = backend.config if backend is not None else getattr(make_backend, "config", None)
+    config = config or make_backend(1).config
+    clock = clock or WallClock()
     if pc.policy == "instances":
+        return run_instances(pc, make_backend, requests, clock, keep_logits, on_finish)
+    layout = pc.layout(config)
+    if backend is None or not fits(backend.kv, layout.shape):
+        backend = make_backend(layout.shape)
+    if isinstance(clock, WallClock):
+        clock = WallClock()  # started once the backends exist
+    engine = Engine(backend, pc.scheduler(), layout, clock, keep_logits, on_finish)
+    results = engine.run(requests)
+    return RunResult(pc, results, engine.stats, summarize(results, engine.stats, layout.shape.nbytes(config)))
+
+
+def run_instances(pc: PolicyConfig, make_backend: BackendFactory, requests: Sequence[Request], clock,
+                  keep_logits: bool, on_finish) -> RunResult:  # fmt: skip
+    """Instances in processes on the wall clock (``make_backend`` must pickle), simulated on a virtual one."""
+    if isinstance(clock, VirtualClock):
         backends = [make_backend(1) for _ in range(pc.instances)]
-    elif backend is None or backend.n_slots < pc.slots_needed:
-        backend = make_backend(pc.slots_needed)
-    clock = clock or WallClock()  # started once the backends exist
-    stats = EngineStats()
-    kwargs = dict(clock=clock, keep_logits=keep_logits, on_finish=on_finish)
-    if pc.policy == "instances":
-        results = run_instances(backends, requests, stats=stats, **kwargs)
-    else:
-        if pc.policy == "fused":
-            engine = FusionEngine(backend, shuffle=pc.shuffle, capacity=pc.slots, **kwargs)
-            results = engine.run(requests)
-            stats = engine.stats
-        elif pc.policy == "serial":
-            results = run_serial(backend, requests, stats=stats, **kwargs)
-        else:
-            results = run_dynamic(backend, requests, pc.max_batch, pc.window_s, stats=stats, **kwargs)
-    return RunResult(pc, results, stats, summarize(results, stats.steps))
+        results, stats = simulate_instances(backends, requests, clock, keep_logits, on_finish)
+        budget = pc.instances * backends[0].kv.nbytes(backends[0].config)
+        return RunResult(pc, results, stats, summarize(results, stats, budget))
+    pool = InstanceProcesses(make_backend, pc.instances, keep_logits)
+    try:
+        results, stats = pool.run(requests, WallClock(), on_finish)
+    finally:
+        pool.close()
+    config = make_backend.config
+    budget = pc.instances * bytes_per_position(config) * config.n_ctx
+    return RunResult(pc, results, stats, summarize(results, stats, budget))

@@ -1,4 +1,4 @@
-"""``flover bench``: serve one trace under one policy, or all four side by side."""
+"""``flover bench``: serve one trace under one policy, or all of them side by side."""
 
 from __future__ import annotations
 
@@ -8,12 +8,20 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flover import plots
-from flover.backends import make_backend
-from flover.commands.common import add_model_flags, add_policy_flags, add_trace_flags, make_trace, policy_config
+from flover.backends import BackendFactory
+from flover.commands.common import (
+    add_model_flags,
+    add_policy_flags,
+    add_trace_flags,
+    check_run_memory,
+    make_trace,
+    policy_config,  # fmt: skip
+    shared_kv,
+)
 from flover.launch import open_backend
 from flover.loading import resolve
 from flover.report import table
-from flover.runner import POLICIES, check_trace, run_policy, warm_up
+from flover.runner import POLICIES, PolicyConfig, check_trace, run_policy, warm_up
 from flover.trace import read_trace
 
 
@@ -30,16 +38,14 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def policies_of(args) -> list:
-    names = list(POLICIES) if args.policy == "all" else [args.policy]
-    configs = [policy_config(args, name) for name in names]
-    if args.policy == "all" and not args.no_shuffle:
-        configs.insert(1, policy_config(args, "fused").__class__(**{**_fields(configs[0]), "shuffle": False}))
-    return configs
-
-
-def _fields(pc) -> dict:
-    return {name: getattr(pc, name) for name in pc.__slots__}
+def policies_of(args) -> list[PolicyConfig]:
+    """One policy, or all: fused as configured (and without the shuffle too), then the baselines."""
+    if args.policy != "all":
+        return [policy_config(args, args.policy)]
+    configs = [policy_config(args, "fused")]
+    if args.kv == "slots" and not args.no_shuffle:
+        configs.append(policy_config(args, "fused", shuffle=False))
+    return configs + [policy_config(args, name) for name in POLICIES[1:]]
 
 
 def run(args) -> int:
@@ -47,16 +53,19 @@ def run(args) -> int:
     requests = read_trace(args.trace) if args.trace else make_trace(args, config)
     check_trace(config, requests)
     configs = policies_of(args)
+    shapes = shared_kv(config, configs)
+    check_run_memory(config, configs, shapes)
     if args.tp and any(pc.policy == "instances" for pc in configs):
         raise ValueError("the instances policy runs N model copies; it cannot run under --tp (one sharded model)")
-    n_slots = max(pc.slots_needed for pc in configs)
-    with open_backend(args.backend, config, weights, n_slots, tp=args.tp) as backend:
+    if args.tp and len(shapes) > 1:
+        raise ValueError("under --tp one sharded backend serves every policy; run --kv paged on its own policy")
+    factory = BackendFactory(args.backend, config, weights)
+    runs = []
+    with open_backend(args.backend, config, weights, shapes[0] if shapes else 1, tp=args.tp) as backend:
         if backend is None:  # a worker rank of a tensor-parallel job
             return 0
-        factory = lambda n: make_backend(args.backend, config, weights, n)  # noqa: E731
-        warm_up(backend, config)
+        warm_up(backend)
         comm_before = backend.comm_seconds() if hasattr(backend, "comm_seconds") else None
-        runs = []
         for pc in configs:
             with tqdm(total=len(requests), desc=pc.label, unit="req", disable=True if args.quiet else None, leave=False) as bar:
                 runs.append(run_policy(pc, factory, requests, on_finish=lambda _: bar.update(), backend=backend))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from flover.backends import BACKENDS
+from flover.budget import check_memory
+from reference import GPTConfig, KVShape
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -30,17 +32,28 @@ def add_trace_flags(p: argparse.ArgumentParser, with_rate: bool = True) -> None:
 
 def add_policy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slots", type=int, default=16, help="fused: KV slots (most requests in one step)")
-    p.add_argument("--no-shuffle", action="store_true", help="fused: keep holes and compute over them")
+    p.add_argument("--no-shuffle", action="store_true", help="fused, slots: keep holes and compute over them")
+    p.add_argument("--kv", choices=("slots", "paged"), default="slots",
+                   help="fused: KV layout, Flover's slots or vLLM-style paged blocks")
+    p.add_argument("--block-size", type=int, default=16, help="paged: positions per KV block")
+    p.add_argument("--kv-memory", type=float, default=None, metavar="GIB",
+                   help="fused: KV memory budget in GiB (default: what --slots full-context slots need)")
+    p.add_argument("--prefill", choices=("alone", "chunked"), default="alone",
+                   help="fused: each prompt in a step of its own, or in chunks beside the decodes")
+    p.add_argument("--chunk-tokens", type=int, default=256, help="chunked: the most tokens in one step")
     p.add_argument("--max-batch", type=int, default=16, help="dynamic: largest batch")
-    p.add_argument("--window-ms", type=float, default=50.0, help="dynamic: batching window after the first arrival")
-    p.add_argument("--instances", type=int, default=2, help="instances: concurrent model instances")
+    p.add_argument("--queue-delay-ms", type=float, default=50.0,
+                   help="dynamic: how long a batch waits for more requests after its first arrival")
+    p.add_argument("--instances", type=int, default=2, help="instances: concurrent model instances (processes)")
 
 
-def policy_config(args, policy: str):
+def policy_config(args, policy: str, **changes):
     from flover.runner import PolicyConfig
 
-    return PolicyConfig(policy, slots=args.slots, shuffle=not args.no_shuffle, max_batch=args.max_batch,
-                        window_s=args.window_ms / 1e3, instances=args.instances)  # fmt: skip
+    settings = dict(slots=args.slots, shuffle=not args.no_shuffle, kv=args.kv, block_size=args.block_size,
+                    kv_memory_gib=args.kv_memory, prefill=args.prefill, chunk_tokens=args.chunk_tokens,
+                    max_batch=args.max_batch, queue_delay_s=args.queue_delay_ms / 1e3, instances=args.instances)
+    return PolicyConfig(policy, **{**settings, **changes})  # fmt: skip
 
 
 def make_trace(args, config, rate: float | None = None):
@@ -49,3 +62,20 @@ def make_trace(args, config, rate: float | None = None):
     return poisson_trace(rate if rate is not None else args.rate, args.requests,
                          parse_range(args.prompt_len, "--prompt-len"), parse_range(args.output_len, "--output-len"),
                          seed=args.seed, burstiness=args.burstiness, vocab_size=config.vocab_size)  # fmt: skip
+
+
+def shared_kv(config: GPTConfig, configs: list) -> list[KVShape]:
+    """The KV memory the run's backends need: one per block size, as large as its largest user."""
+    shapes: dict[int, KVShape] = {}
+    for pc in configs:
+        if pc.policy != "instances":
+            shape = pc.layout(config).shape
+            if shape.n_blocks > shapes.get(shape.block_size, KVShape(1, 1)).n_blocks:
+                shapes[shape.block_size] = shape
+    return list(shapes.values())
+
+
+def check_run_memory(config: GPTConfig, configs: list, shapes: list[KVShape]) -> None:
+    instances = max((pc.instances for pc in configs if pc.policy == "instances"), default=0)
+    slot = KVShape.slots(config, 1).nbytes(config)
+    check_memory(config, sum(s.nbytes(config) for s in shapes), instances, slot)

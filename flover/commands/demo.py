@@ -1,8 +1,9 @@
-"""``flover demo``: the four policies on a short trace of the default model, in under a minute."""
+"""``flover demo``: the policies on a short trace of the default model, in under a minute."""
 
 from __future__ import annotations
 
-from flover.cli import build_parser
+from flover.commands import bench, generate
+from flover.commands.parser import parse
 
 
 def add_parser(sub) -> None:
@@ -14,12 +15,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     sample = ["generate", "--prompt", "def ", "--max-new-tokens", "120"]
     print("flover demo: " + " ".join(["flover", *sample]))
-    generate = build_parser().parse_args(sample)
-    generate.run(generate)
+    generate.run(parse(generate, sample))
     # a burst of 48 requests: enough load that the policies differ on a small model
     argv = ["bench", "--policy", "all", "--requests", "48", "--rate", "400", "--prompt-len", "8:24",
-            "--output-len", "16:128", "--slots", "16", "--max-batch", "16", "--window-ms", "20", "--instances", "2",
-            "--json", f"{args.out}/runs.json", "--plot", args.out]  # fmt: skip
+            "--output-len", "16:128", "--slots", "16", "--max-batch", "16", "--queue-delay-ms", "20",
+            "--instances", "2", "--json", f"{args.out}/runs.json", "--plot", args.out]  # fmt: skip
     print("\nflover demo: " + " ".join(["flover", *argv]))
-    bench = build_parser().parse_args(argv)
-    return bench.run(bench)
+    return bench.run(parse(bench, argv))

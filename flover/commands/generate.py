@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from flover.cli import int_list
 from flover.commands.common import add_model_flags
+from flover.commands.parser import int_list
 from flover.launch import open_backend
 from flover.loading import resolve
 from reference import SamplingParams, check_request, generate

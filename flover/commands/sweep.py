@@ -8,8 +8,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flover import plots
-from flover.backends import make_backend
-from flover.commands.common import add_model_flags, add_policy_flags, add_trace_flags, make_trace, policy_config
+from flover.backends import BackendFactory
+from flover.commands.common import (
+    add_model_flags,
+    add_policy_flags,
+    add_trace_flags,
+    check_run_memory,
+    make_trace,
+    policy_config,  # fmt: skip
+    shared_kv,
+)
 from flover.loading import resolve
 from flover.report import table
 from flover.runner import check_trace, run_policy, warm_up
@@ -44,9 +52,12 @@ def run(args) -> int:
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
     configs = [policy_config(args, name) for name in names]
     config, weights, _ = resolve(args.model, args.weights_seed)
-    backend = make_backend(args.backend, config, weights, max(pc.slots_needed for pc in configs))
-    warm_up(backend, config)
-    factory = lambda n: make_backend(args.backend, config, weights, n)  # noqa: E731
+    shapes = shared_kv(config, configs)
+    check_run_memory(config, configs, shapes)
+    factory = BackendFactory(args.backend, config, weights)
+    backend = factory(shapes[0]) if shapes else None
+    if backend is not None:
+        warm_up(backend)
     curves: dict[str, list[dict]] = {pc.label: [] for pc in configs}
     with tqdm(total=len(rates) * len(configs) * args.requests, unit="req", desc="sweep") as bar:
         for rate in rates:

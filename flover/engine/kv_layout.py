@@ -10,8 +10,8 @@ requests' own, and what moves after an eviction. Two layouts:
   filled by moving active slots in (``shuffle_plan``). Without it, the hole
   is still computed, as a fused kernel over the contiguous window would:
   the departed request's last lane again, attending over its last length.
-  ``keep_window`` keeps every slot used since the layout was last empty in
-  the window, which is dynamic batching's padding.
+  ``pad_batch`` computes every slot used since the layout was last empty,
+  finished or not, which is dynamic batching's padding.
 - ``PagedLayout``: vLLM's. Blocks of ``block_size`` positions from one pool,
   a block table per request, blocks taken as a request grows and returned
   when it leaves; nothing ever moves and nothing idle is computed.
@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from flover.engine.request import RequestState
+from flover.engine.request import Request, RequestState
 from flover.engine.shuffle import choose_slot, has_hole, shuffle_plan, window
 from reference import GPTConfig, KVShape, Lane
 
@@ -31,6 +31,7 @@ from reference import GPTConfig, KVShape, Lane
 class KVLayout(Protocol):
     shape: KVShape  # the KV memory a backend must have for this layout
 
+    def check_fits(self, request: Request) -> None: ...  # ValueError if it could never run, even alone
     def can_admit(self, state: RequestState) -> bool: ...
     def admit(self, state: RequestState) -> None: ...
     def grow(self, state: RequestState, n: int) -> bool: ...  # memory for n more positions; False: none left
@@ -44,10 +45,10 @@ class KVLayout(Protocol):
 class SlotLayout:
     """Flover's fixed slots, with or without the memory shuffle."""
 
-    def __init__(self, config: GPTConfig, n_slots: int, shuffle: bool = True, keep_window: bool = False) -> None:
+    def __init__(self, config: GPTConfig, n_slots: int, shuffle: bool = True, pad_batch: bool = False) -> None:
         self.shape = KVShape.slots(config, n_slots)
         self.shuffle = shuffle
-        self.keep_window = keep_window
+        self.pad_batch = pad_batch
         self.slot_bytes = self.shape.block_bytes(config)
         self.slots: list[RequestState | None] = [None] * n_slots
         self.where: dict[int, int] = {}  # id(state) -> its slot
@@ -57,6 +58,9 @@ class SlotLayout:
     @property
     def active(self) -> list[bool]:
         return [s is not None for s in self.slots]
+
+    def check_fits(self, request: Request) -> None:
+        """A slot holds the whole context, and the trace check keeps every request within it."""
 
     def can_admit(self, state: RequestState) -> bool:
         return None in self.slots
@@ -82,12 +86,12 @@ class SlotLayout:
             self.high_water = 0
 
     def computed_span(self) -> tuple[int, int]:
-        """The slots a fused step computes over: the window, or everything used since empty."""
+        """The slots a step computes over: the window, or (padded batch) every slot used since empty."""
         first, last = window(self.active)
-        return (0, self.high_water) if self.keep_window and first < last else (first, last)
+        return (0, self.high_water) if self.pad_batch and first < last else (first, last)
 
     def idle_lanes(self) -> list[Lane]:
-        if self.shuffle and not self.keep_window:
+        if self.shuffle and not self.pad_batch:
             return []
         first, last = self.computed_span()
         holes = [i for i in range(first, last) if self.slots[i] is None]
@@ -120,6 +124,14 @@ class PagedLayout:
 
     def blocks_for(self, positions: int) -> int:
         return -(-positions // self.shape.block_size)
+
+    def check_fits(self, request: Request) -> None:
+        prompt, total = len(request.prompt_ids), len(request.prompt_ids) + request.max_new_tokens - 1
+        needed = max(self.blocks_for(prompt) + 1, self.blocks_for(total))
+        if needed > self.shape.n_blocks:
+            raise ValueError(f"request {request.id!r} needs {needed} blocks of {self.shape.block_size} positions "
+                             f"({prompt} + {request.max_new_tokens} tokens), more than the pool's {self.shape.n_blocks}; "
+                             f"raise --kv-memory")  # fmt: skip
 
     def can_admit(self, state: RequestState) -> bool:
         """Room for what it brings (its prompt, or all its ids after a preemption) plus one block to grow into."""

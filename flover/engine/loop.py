@@ -1,126 +1,155 @@
-"""Temporal fusion: requests that arrive at different times share one fused decode step.
+"""The engine: one loop for every policy.
 
-Each iteration: admit the requests that have arrived into free KV slots (the
-rest wait, first come first served; nothing is dropped), prefill each newcomer
-on its own, run one fused decode step over the window of active slots, sample
-per request, evict the finished, and shuffle memory when a hole opens inside
-the window.
+Each iteration:
+
+1. requests that have arrived join the waiting queue (first come, first served);
+2. the scheduler admits some of them into KV memory (the layout says whether they fit);
+3. the scheduler's steps run: each is a list of lanes, one per request it
+   computes (a prompt, a chunk of it, or one decode token), plus the idle
+   lanes the layout computes for no one; the backend returns each lane's
+   last logits, and every request whose ids are all cached samples a token;
+4. finished requests leave and free their memory;
+5. the layout compacts memory (Flover's shuffle) and the backend moves the blocks.
+
+A request that cannot grow its memory (paged layout, pool full) is
+preempted: its memory is taken back, its tokens kept, and it goes back to
+the front of the queue, to be recomputed when it is admitted again (vLLM's
+recompute). Nothing is dropped: every request given to ``run`` finishes.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
-from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from flover.clock import WallClock
-from flover.request import Request, RequestResult, Sequence
-from flover.shuffle import choose_slot, has_hole, shuffle_plan, window
+from flover.engine.kv_layout import KVLayout
+from flover.engine.records import EngineStats, Step
+from flover.engine.request import Request, RequestResult, RequestState
+from flover.engine.scheduler import Scheduler, Work
+from reference import Lane
 from reference.backend import Backend
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One fused decode step: when it ran, how many requests it served, how many slots it computed."""
+class Engine:
+    """Serve requests on ``backend`` under ``scheduler``, with KV memory laid out by ``memory``."""
 
-    start_s: float
-    end_s: float
-    batch: int
-    width: int
-
-
-@dataclass(slots=True)
-class EngineStats:
-    steps: list[Step] = field(default_factory=list)
-    moves: int = 0  # slot moves made by the memory shuffle
-    max_active: int = 0
-
-
-class FusionEngine:
-    """The fused policy over the first ``capacity`` KV slots of a backend (all of them by default)."""
-
-    def __init__(self, backend: Backend, clock=None, shuffle: bool = True, keep_logits: bool = False,
-                 on_finish: Callable[[RequestResult], None] | None = None, capacity: int | None = None) -> None:  # fmt: skip
-        capacity = backend.n_slots if capacity is None else capacity
-        if not 1 <= capacity <= backend.n_slots:
-            raise ValueError(f"slots must be between 1 and the backend's {backend.n_slots}, got {capacity}")
+    def __init__(self, backend: Backend, scheduler: Scheduler, memory: KVLayout, clock=None,
+                 keep_logits: bool = False, on_finish: Callable[[RequestResult], None] | None = None) -> None:  # fmt: skip
+        have, need = backend.kv, memory.shape
+        if have.block_size != need.block_size or have.n_blocks < need.n_blocks:
+            raise ValueError(f"the layout needs {need.n_blocks} blocks of {need.block_size} positions; the backend "
+                             f"has {have.n_blocks} of {have.block_size}")  # fmt: skip
         self.backend = backend
+        self.scheduler = scheduler
+        self.memory = memory
         self.clock = clock or WallClock()
-        self.shuffle = shuffle
         self.keep_logits = keep_logits
         self.on_finish = on_finish
-        self.slots: list[Sequence | None] = [None] * capacity
         self.stats = EngineStats()
+        self.done: list[RequestResult] = []
+        self.unreturned: list[RequestResult] = []  # finished, held until the batch returns whole
 
-    @property
-    def active(self) -> list[bool]:
-        return [s is not None for s in self.slots]
-
-    def run(self, requests: Seq[Request]) -> list[RequestResult]:
-        """Serve every request; results in the order the requests finished."""
+    def run(self, requests: Sequence[Request]) -> list[RequestResult]:
+        """Serve every request; results in the order they were handed back."""
+        for request in requests:
+            self.memory.check_fits(request)
         pending = deque(sorted(requests, key=lambda r: r.arrival_s))
-        done: list[RequestResult] = []
-        while pending or any(self.active):
-            if not any(self.active) and pending:
-                self.clock.wait_until(pending[0].arrival_s)
+        waiting: deque[RequestState] = deque()
+        running: list[RequestState] = []
+        while pending or waiting or running:
             now = self.clock.now()  # admit only what had arrived when the iteration began,
-            while pending and pending[0].arrival_s <= now and not all(self.active):  # so prefills cannot starve the batch
-                self._admit(pending.popleft(), done)
-            if any(self.active):
-                self._fused_step(done)
-        return done
-
-    def _admit(self, request: Request, done: list[RequestResult]) -> None:
-        slot = choose_slot(self.active)
-        seq = Sequence.start(request, self.keep_logits)
-        seq.admitted_s = self.clock.now()
-        logits = self.backend.prefill(slot, np.asarray(request.prompt_ids, np.int64))
-        self.clock.spend("prefill")
-        if seq.accept(logits, self.clock.now()):
-            self._finish(seq, done)
-        else:
-            self.slots[slot] = seq
-            self.stats.max_active = max(self.stats.max_active, sum(self.active))
-
-    def _fused_step(self, done: list[RequestResult]) -> None:
-        first, last = window(self.active)
-        if self.shuffle:
-            lanes = [i for i in range(first, last) if self.slots[i] is not None]
-        else:  # compute over the holes too, as a fused kernel over the whole window would
-            lanes = list(range(first, last))
-        live = [self.slots[i] for i in lanes]
-        tokens = [seq.tokens[-1] if seq else 0 for seq in live]
-        positions = [seq.position if seq else 0 for seq in live]
-        start = self.clock.now()
-        logits = self.backend.decode(np.array(lanes), np.array(tokens), np.array(positions))
-        self.clock.spend("decode")
-        now = self.clock.now()
-        self.stats.steps.append(Step(start, now, sum(seq is not None for seq in live), len(lanes)))
-        for row, (slot, seq) in enumerate(zip(lanes, live)):
-            if seq is None:
+            while pending and pending[0].arrival_s <= now:  # so prefills cannot starve the batch
+                waiting.append(RequestState.start(pending.popleft(), self.keep_logits))
+            for _ in range(self.scheduler.admit(waiting, running, self.memory, now) if waiting else 0):
+                state = waiting.popleft()
+                state.admitted_s = now if np.isnan(state.admitted_s) else state.admitted_s
+                running.append(state)
+            if not running:
+                self._idle(pending, waiting, now)
                 continue
-            seq.advance()
-            if seq.accept(logits[row], now):
-                self.slots[slot] = None
-                self._finish(seq, done)
-        if self.shuffle and has_hole(self.active):
-            self._shuffle()
+            for work in self.scheduler.steps(running):
+                self._step(work, running, waiting)
+            self._compact()
+            if not running:
+                self._return_batch()
+        return self.done
 
-    def _shuffle(self) -> None:
-        plan = shuffle_plan(self.active)
-        src = np.array([s for s, _ in plan])
-        dst = np.array([d for _, d in plan])
-        lengths = np.array([self.slots[s].position for s in src])
-        self.backend.move_slots(src, dst, lengths)
-        for s, d in plan:
-            self.slots[d], self.slots[s] = self.slots[s], None
-        self.stats.moves += len(plan)
+    def _idle(self, pending: deque[Request], waiting: deque[RequestState], now: float) -> None:
+        """Nothing runs: wait for the next arrival, or for the scheduler's own moment."""
+        times = [t for t in (self.scheduler.wake_at(waiting, now), pending[0].arrival_s if pending else None)
+                 if t is not None and t > now]  # fmt: skip
+        if not times:
+            raise RuntimeError(f"request {waiting[0].request.id!r} waits, nothing runs, and nothing will change")
+        self.clock.wait_until(min(times))
 
-    def _finish(self, seq: Sequence, done: list[RequestResult]) -> None:
-        result = RequestResult.of(seq)
-        done.append(result)
+    def _step(self, work: Work, running: list[RequestState], waiting: deque[RequestState]) -> None:
+        granted = self._grow(work, running, waiting)
+        if not granted:
+            return
+        lanes = [Lane.of(self.memory.blocks(s), s.ids[s.cached : s.cached + n], s.cached) for s, n in granted]
+        decodes = sum(n == 1 and s.generated > 0 and s.uncached == 1 for s, n in granted)
+        idle = self.memory.idle_lanes() if decodes else []
+        start = self.clock.now()
+        logits = self.backend.step(lanes + idle)
+        self.clock.spend(lanes + idle, prefill=len(granted) - decodes)
+        now = self.clock.now()
+        rows = sum(n for _, n in granted)
+        held = self.memory.held_bytes()
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, held)
+        self.stats.steps.append(Step(start, now, len(granted), rows + len(idle), len(idle),
+                                     rows - decodes, held))  # fmt: skip
+        for row, (state, n) in enumerate(granted):
+            state.cached += n
+            if state.uncached:  # a chunk short of the prompt's end: its logits are not used
+                continue
+            if state.accept(logits[row], now):
+                running.remove(state)
+                self.memory.release(state)
+                self._finish(state)
+
+    def _grow(self, work: Work, running: list[RequestState], waiting: deque[RequestState]) -> Work:
+        """Memory for every lane of the step; when the pool runs out, preempt the latest admitted."""
+        granted: Work = []
+        for state, n in work:
+            while state in running and not self.memory.grow(state, n):
+                self._preempt(running[-1], running, waiting)
+            if state in running:
+                granted.append((state, n))
+        return [(s, n) for s, n in granted if s in running]
+
+    def _preempt(self, state: RequestState, running: list[RequestState], waiting: deque[RequestState]) -> None:
+        running.remove(state)
+        self.memory.release(state)
+        state.cached = 0
+        state.preempted += 1
+        waiting.appendleft(state)
+        self.stats.preemptions += 1
+
+    def _compact(self) -> None:
+        moves = self.memory.compact()
+        if moves:
+            src, dst, lengths = (np.array(column, np.int64) for column in zip(*moves))
+            self.backend.move(src, dst, lengths)
+            self.stats.moves += len(moves)
+
+    def _finish(self, state: RequestState) -> None:
+        result = RequestResult.of(state)
+        if self.scheduler.returns_whole_batch:
+            self.unreturned.append(result)
+        else:
+            self._hand_back(result)
+
+    def _return_batch(self) -> None:
+        """A batch that returns whole is handed back when its last member finishes."""
+        now = self.clock.now()
+        for result in sorted(self.unreturned, key=lambda r: r.finish_s):
+            self._hand_back(RequestResult(**{**{f: getattr(result, f) for f in result.__slots__}, "returned_s": now}))
+        self.unreturned.clear()
+
+    def _hand_back(self, result: RequestResult) -> None:
+        self.done.append(result)
         if self.on_finish:
             self.on_finish(result)

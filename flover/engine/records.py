@@ -21,6 +21,7 @@ class Step:
     rows: int  # rows computed, idle ones included
     idle_rows: int = 0
     prefill_rows: int = 0
+    kv_bytes: int = 0  # KV memory held by requests when the step ran
 
 
 @dataclass(slots=True)

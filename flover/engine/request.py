@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,7 +19,7 @@ class Request:
     stop_ids: tuple[int, ...] = ()
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # one object per request: compared by identity
 class RequestState:
     """A request being served: its sampler, its tokens, how many of them its KV memory holds, its timestamps.
 
