@@ -93,21 +93,37 @@ print(repr(tokenizer.decode(prompt.tolist()) + tokenizer.decode(no_cache_tokens)
 #     [n_layer, n_slots, n_head, n_ctx, head_dim]
 #
 # so `k[layer, slot, head, position]` is one key vector of D numbers.
+# (flover's KV memory is in general a pool of *blocks*,
+# `reference.KVBlocks(config, KVShape(n_blocks, block_size))`, with `k` and
+# `v` of shape [n_layer, n_blocks, n_head, block_size, head_dim]. A Flover
+# slot is one block of `n_ctx` positions, which is what `KVSlots` builds;
+# lesson 4 meets small blocks, the other choice.)
 #
-# A **backend** owns the weights and the KV slots and does the math;
+# A **backend** owns the weights and the KV memory and does the math;
 # `reference.NumpyBackend(config, weights, n_slots)` is the NumPy one, and
-# its cache is `backend.cache`. Every backend offers the same three methods
-# (the `reference.Backend` protocol), and the schedulers of later lessons use
+# its cache is `backend.cache`. Every backend does two things (the
+# `reference.Backend` protocol), and the engine of later lessons asks for
 # nothing else:
 #
-# - `prefill(slot, tokens) -> [V]`: run a whole prompt in one pass, as
-#   `forward` does, store its keys and values in positions 0..P-1 of `slot`,
-#   and return the logits of its last position;
-# - `decode(slots, tokens, positions) -> [B, V]`: one **decode step** for B
-#   requests at once: request b feeds `tokens[b]` at `positions[b]` of slot
-#   `slots[b]`, writes that token's keys and values there, and attends over
-#   positions 0..positions[b] of its own slot;
-# - `move_slots(src, dst, lengths)`: copy slots, for lesson 4.
+# - `step(lanes) -> [L, V]`: one step of the model over a list of L
+#   **lanes**. A lane, `reference.Lane(blocks, tokens, start)`, is one
+#   request's new tokens: `tokens` go in at positions `start`,
+#   `start + 1`, ... of the request's KV `blocks` (here its one slot), each
+#   writes its keys and values there and attends over positions 0 up to its
+#   own. The step returns the logits of each lane's *last* token.
+# - `move(src, dst, lengths)`: copy KV blocks, for lesson 4's memory shuffle.
+#
+# The two classic steps are two shapes of lanes, and every backend has them
+# as thin wrappers over `step` (from `reference.LaneBackend`):
+#
+# - `prefill(slot, tokens) -> [V]`: a whole prompt in one pass, as `forward`
+#   does: **one lane of many tokens**, `Lane.of([slot], tokens, 0)`. Its keys
+#   and values fill positions 0..P-1 of `slot`, and it returns the logits of
+#   its last position;
+# - `decode(slots, tokens, positions) -> [B, V]`: a **decode step** for B
+#   requests at once: **B lanes of one token each**, lane b feeding
+#   `tokens[b]` at `positions[b]` of slot `slots[b]` and attending over
+#   positions 0..positions[b] of its own slot.
 
 # %%
 from reference import Backend, NumpyBackend
@@ -122,18 +138,21 @@ assert k_cache.shape == (config.n_layer, 4, config.n_head, config.n_ctx, config.
 # %% [markdown]
 # ## Prefill
 #
-# Prefill the prompt into slot 0. Its logits are those of `forward`'s last
-# row, and slot 0 now holds, in layer 0, the keys we computed by hand in
+# Prefill the prompt into slot 0: one lane, the whole prompt from position
+# 0. Its logits are those of `forward`'s last row, and slot 0 now holds, in layer 0, the keys we computed by hand in
 # lesson 1 (layer norm, `c_attn`, the key third, split into heads). They agree
 # to rounding, not bit for bit: the backend does its matrix products with the
 # batch-invariant kernels of lesson 5, which add in another order than BLAS.
-# Positions from P on are still empty.
+# Positions from P on are still empty. (`prefill` is nothing but that
+# one-lane `step`: running the step itself rewrites the same keys and
+# returns the same logits.)
 
 # %%
-from reference import ops
+from reference import Lane, ops
 
 logits = backend.prefill(0, prompt)  # [P] -> [V]
 assert logits.shape == (config.vocab_size,)
+assert np.array_equal(backend.step([Lane.of([0], prompt, 0)]), logits[None])  # 1 lane -> [1, V]
 assert np.allclose(logits, forward(weights, config, prompt)[-1], rtol=1e-5, atol=1e-5)
 
 block = weights.blocks[0]
@@ -188,14 +207,45 @@ from reference import generate
 assert list(generate(backend, prompt, N)) == cache_tokens
 
 # %% [markdown]
+# ## A prompt at once, or one token at a time
+#
+# A prefill and a decode step are the same computation in two shapes of
+# lanes. So a prompt could just as well be fed one token per step, P lanes
+# of one token in P steps, as a decode loop would feed it, or in chunks of
+# a few tokens (*chunked prefill*, which lesson 3's engine can do). Because
+# every row of a step is computed from its own token, position and cached
+# keys and values, in an order fixed by those alone (lesson 5 shows how), all
+# three give the same last logits, **bit for bit**. One step may also mix
+# shapes: a prompt's lane beside a decode lane of another request, each row
+# of the result the logits its lane gets alone.
+
+# %%
+lanes_backend = NumpyBackend(config, weights, n_slots=3)  # a fresh cache, so slot 0 above stays as it is
+at_once = lanes_backend.step([Lane.of([0], prompt, 0)])[0]  # 1 lane of P tokens
+for i, token in enumerate(prompt):  # P steps, 1 lane of 1 token each
+    one_by_one = lanes_backend.step([Lane.of([1], [token], i)])[0]
+for start in range(0, P, 5):  # chunks of 5 tokens
+    chunked = lanes_backend.step([Lane.of([2], prompt[start : start + 5], start)])[0]
+print(f"prompt of {P} tokens: at once == one token at a time == in chunks of 5, bitwise:",
+      np.array_equal(at_once, one_by_one) and np.array_equal(at_once, chunked))  # fmt: skip
+assert np.array_equal(at_once, one_by_one) and np.array_equal(at_once, chunked)
+assert np.array_equal(lanes_backend.cache.k[:, 0, :, :P], lanes_backend.cache.k[:, 1, :, :P]), "the same keys too"
+
+mixed = lanes_backend.step([Lane.of([0], [cache_tokens[0]], P), Lane.of([2], prompt, 0)])  # a decode and a prefill
+assert mixed.shape == (2, config.vocab_size)
+assert np.array_equal(mixed[0], cache_logits[1]) and np.array_equal(mixed[1], at_once)
+
+# %% [markdown]
 # ## Decode logits equal a fresh forward pass, to rounding
 #
 # Feed `forward` the prompt and all generated tokens at once. Its row
 # P - 1 + i scored the (i+1)-th generated token, so it must match the logits
-# of decode step i. It does, but only to rounding: `forward` and `prefill`
-# multiply whole matrices with BLAS, while `decode` uses kernels that add up
-# each sum in a fixed order (the subject of lesson 5), and floating-point
-# sums in a different order round differently.
+# of decode step i. It does, but only to rounding: `forward` multiplies whole
+# matrices with BLAS, while the backend, in its prefills and decode steps
+# alike, uses kernels that add up each sum in a fixed order (the subject of
+# lesson 5), and floating-point sums in a different order round
+# differently. Against the backend's own prefill of the same text, the last
+# decode step is bitwise equal, as the section above promised.
 
 # %%
 fresh = forward(weights, config, np.concatenate([prompt, cache_tokens[:-1]]))[P - 1 :]  # [N, V]
@@ -207,6 +257,7 @@ print(
 assert fresh.shape == cache_logits.shape == (N, config.vocab_size)
 assert diff.max() <= 1e-4 * max(scale, 1.0)
 assert np.array_equal(fresh.argmax(axis=-1), cache_logits.argmax(axis=-1))
+assert np.array_equal(lanes_backend.prefill(1, np.concatenate([prompt, cache_tokens[:-1]])), cache_logits[-1])
 
 # %% [markdown]
 # ## Slots hold requests side by side
@@ -354,6 +405,9 @@ assert costs["decode step"][-1] < costs["forward"][-1], "one cached step is chea
 # - Generation is a loop of one **prefill** (the prompt, all at once) and
 #   **decode** steps (one token each), both on a **backend** that keeps each
 #   request's keys and values in a **slot** of the **KV cache**.
+# - Both are one `step` over a list of **lanes**: a prefill is one lane of
+#   many tokens, a decode step lanes of one token each, and a prompt fed at
+#   once, in chunks or token by token gives the same logits bit for bit.
 # - A decode step takes a *batch*: `decode(slots, tokens, positions)` serves
 #   B requests, each in its own slot at its own position. Lesson 3 uses
 #   exactly that to serve requests that arrive at different times.
