@@ -91,14 +91,15 @@ class PolicyConfig:
     def layout(self, config: GPTConfig) -> KVLayout:
         """A fresh KV layout sized from the budget (instances: each instance's own)."""
         budget = self.kv_budget(config)
+        gib = budget / 2**30 if self.kv_memory_gib is None else self.kv_memory_gib
         if self.policy == "fused" and self.kv == "paged":
             n_blocks = budget // (bytes_per_position(config) * self.block_size)
             if n_blocks < 1:
-                raise ValueError(f"--kv-memory {budget / 2**30:g} GiB holds no block of {self.block_size} positions")
+                raise ValueError(f"--kv-memory {gib:g} GiB holds no block of {self.block_size} positions")
             return PagedLayout(config, n_blocks, self.block_size)
         slot = bytes_per_position(config) * config.n_ctx
         if budget < slot:
-            raise ValueError(f"--kv-memory {budget / 2**30:g} GiB holds no slot of {config.n_ctx} positions "
+            raise ValueError(f"--kv-memory {gib:g} GiB holds no slot of {config.n_ctx} positions "
                              f"({slot / 2**20:.1f} MiB); raise it")  # fmt: skip
         if self.policy == "dynamic":  # finished members stay in the batch as padding
             return SlotLayout(config, budget // slot, shuffle=False, pad_batch=True)

@@ -94,6 +94,12 @@ def test_malformed_trace_line_is_named(tmp_path, capsys, line, message):
         (["--rate", "0"], "rate must be > 0 requests per second, got 0.0"),
         (["--prompt-len", "5:2"], "--prompt-len must be A:B with 1 <= A <= B, got '5:2'"),
         (["--trace", "/nonexistent.jsonl"], "trace file '/nonexistent.jsonl' does not exist"),
+        (["--kv", "pages"], "argument --kv: invalid choice: 'pages'"),
+        (["--block-size", "0", "--kv", "paged"], "block-size must be >= 1, got 0"),
+        (["--chunk-tokens", "0", "--prefill", "chunked"], "chunk-tokens must be >= 1, got 0"),
+        (["--kv-memory", "0.0001"], "--kv-memory 0.0001 GiB holds no slot of 256 positions"),
+        (["--kv-memory", "-1"], "kv-memory must be > 0 GiB, got -1"),
+        (["--queue-delay-ms", "-5", "--policy", "dynamic"], "queue delay must be >= 0 ms, got -5"),
     ],
 )
 def test_bad_bench_input_gets_one_line_and_status_2(capsys, argv, message):
@@ -106,3 +112,27 @@ def test_demo_runs_every_policy_and_writes_plots(tmp_path, capsys):
     assert status == 0 and "fused (slots 16)" in out and "instances (2)" in out
     assert len(json.loads((tmp_path / "demo" / "runs.json").read_text())) == 5
     assert (tmp_path / "demo" / "latency_cdf.png").is_file()
+
+
+def test_bench_paged_and_chunked_rows_are_labelled_and_return_the_same_tokens(trace_file, tmp_path, capsys):
+    status, out, _ = run(capsys, "bench", "--model", "tiny", "--policy", "all", "--kv", "paged", "--block-size", "8",
+                         "--prefill", "chunked", "--chunk-tokens", "4", "--trace", trace_file, "--json",
+                         tmp_path / "paged.json", "--quiet")  # fmt: skip
+    assert status == 0 and "fused (paged 8, chunked 4)" in out, out
+    runs = json.loads((tmp_path / "paged.json").read_text())
+    assert [r["policy"] for r in runs] == ["fused", "serial", "dynamic", "instances"]
+    assert runs[0]["config"]["kv"] == "paged" and runs[0]["config"]["prefill"] == "chunked"
+    tokens = [{r["id"]: r["tokens"] for r in run["requests"]} for run in runs]
+    assert all(t == tokens[0] for t in tokens)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--slots", "5000"], "GiB), more than the"),
+        (["--policy", "instances", "--instances", "1000"], "1000 instance copies"),
+    ],
+)
+def test_a_run_larger_than_the_machine_is_refused_before_allocating(capsys, argv, message):
+    status, _, err = run(capsys, "bench", "--model", "gpt2", "--requests", "2", "--quiet", *argv)
+    assert status == 2 and err.count("\n") == 1 and message in err and "available; lower" in err, err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given
 
-from flover.shuffle import choose_slot, has_hole, shuffle_plan, window
+from flover.engine.shuffle import choose_slot, has_hole, shuffle_plan, window
 from flover.testing import slot_maps
 from reference import GPTConfig, KVSlots
 

@@ -1,0 +1,174 @@
+"""The engine's parts one at a time: what a layout computes and moves, paging and preemption,
+chunked prefill's budget, a user's own scheduler, and instances as processes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from flover.backends import BackendFactory
+from flover.clock import VirtualClock, WallClock
+from flover.engine import Engine, FusedScheduler, PagedLayout, Request, Scheduler, SerialScheduler, SlotLayout
+from flover.runner import PolicyConfig, run_policy
+from flover.testing import check_scheduler, serial_outputs, traces
+from reference import NumpyBackend
+from tests.conftest import SMALL
+
+
+class RecordingBackend(NumpyBackend):
+    """A NumpyBackend that remembers the lanes of every step."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps = []
+
+    def step(self, lanes):
+        self.steps.append([(lane.blocks.tolist(), lane.tokens.tolist(), lane.start) for lane in lanes])
+        return super().step(lanes)
+
+
+@pytest.fixture(scope="module")
+def make_backend(small_model):
+    config, weights = small_model
+    return lambda kv: NumpyBackend(config, weights, kv)
+
+
+def burst(*lengths: tuple[int, int]) -> list[Request]:
+    """Requests arriving together with (prompt length, new tokens) each."""
+    return [Request(i, 0.0, tuple(range(1, p + 1)), n) for i, (p, n) in enumerate(lengths)]
+
+
+def test_a_hole_without_the_shuffle_recomputes_the_departed_lane_at_its_last_length(small_model):
+    backend = RecordingBackend(*small_model, 3)
+    engine = Engine(backend, FusedScheduler(), SlotLayout(SMALL, 3, shuffle=False), VirtualClock())
+    engine.run(burst((4, 6), (5, 2), (3, 6)))  # request 1, in slot 1, leaves after 2 tokens
+    ghost = ([1], 5)  # slot 1, its last position: prompt 5 + 1 fed token - 1
+    later = [step for step in backend.steps if any((b, s) == ghost for b, _, s in step)][1:]  # [0]: its own decode
+    assert later, "the hole is computed"
+    assert all(len(step) == 3 for step in later), "beside the two live requests, as one contiguous window"
+    assert [s.idle_rows for s in engine.stats.steps if s.idle_rows] == [1] * len(later)
+    assert engine.stats.moves == 0
+
+
+def test_the_shuffle_fills_the_hole_instead(small_model):
+    backend = RecordingBackend(*small_model, 3)
+    engine = Engine(backend, FusedScheduler(), SlotLayout(SMALL, 3, shuffle=True), VirtualClock())
+    engine.run(burst((4, 6), (5, 2), (3, 6)))
+    assert engine.stats.moves == 1 and sum(s.idle_rows for s in engine.stats.steps) == 0
+    assert all(len(step) <= 3 for step in backend.steps)
+
+
+def test_paged_memory_is_returned_and_a_tight_pool_preempts_without_losing_anyone(make_backend):
+    trace = burst((6, 10), (6, 10), (6, 10))
+    layout = PagedLayout(SMALL, n_blocks=5, block_size=4)  # each request needs 4 blocks at its longest
+    results = check_scheduler(FusedScheduler(), lambda: layout, make_backend, trace)
+    assert sum(r.preempted for r in results) > 0, "three requests of 4 blocks cannot share 5"
+    assert layout.held_bytes() == 0 and sorted(layout.free) == list(range(5)), "every block returned"
+
+
+def test_paged_admission_stops_when_the_pool_cannot_hold_the_prompt_plus_one_block(make_backend):
+    layout = PagedLayout(SMALL, n_blocks=4, block_size=4)
+    engine = Engine(make_backend(layout.shape), FusedScheduler(), layout, VirtualClock())
+    engine.run(burst((8, 1), (4, 1)))  # 2 + 1 blocks, then 1 + 1 of the 1 left: the second waits
+    first, second = engine.stats.steps[0], engine.stats.steps[1]
+    assert (first.batch, first.rows) == (1, 8) and second.rows == 4 and second.start_s >= first.end_s
+
+
+def test_a_request_larger_than_the_pool_is_refused_by_name(make_backend):
+    layout = PagedLayout(SMALL, n_blocks=3, block_size=4)
+    engine = Engine(make_backend(layout.shape), FusedScheduler(), layout, VirtualClock())
+    with pytest.raises(ValueError, match=r"request 0 needs 4 blocks of 4 positions .* pool's 3; raise --kv-memory"):
+        engine.run(burst((8, 8)))
+
+
+@settings(max_examples=25)
+@given(trace=traces(SMALL.vocab_size, SMALL.n_ctx, max_requests=6, max_arrival=3))
+def test_chunked_steps_hold_at_most_the_budget_with_decodes_first(small_model, trace):
+    backend = RecordingBackend(*small_model, 4)
+    engine = Engine(backend, FusedScheduler("chunked", chunk_tokens=5), SlotLayout(SMALL, 4), VirtualClock())
+    engine.run(trace)
+    for step in backend.steps:
+        sizes = [len(tokens) for _, tokens, _ in step]
+        assert sum(sizes) <= max(5, sizes.count(1)), f"step of {sizes} tokens over the budget of 5"
+        first_chunk = next((i for i, n in enumerate(sizes) if n > 1), len(sizes))
+        assert all(n == 1 for n in sizes[:first_chunk]), "decodes first"
+
+
+class OnePrefillPerIteration(Scheduler):
+    """The example of ``flover.engine.scheduler``'s docstring."""
+
+    name = "one-prefill"
+
+    def admit(self, waiting, running, memory, now):
+        if waiting and memory.can_admit(waiting[0]):
+            memory.admit(waiting[0])
+            return 1
+        return 0
+
+    def steps(self, running):
+        for state in [s for s in running if s.uncached > 1]:
+            yield [(state, state.uncached)]
+        yield [(s, 1) for s in running if s.uncached == 1]
+
+
+@settings(max_examples=25)
+@given(trace=traces(SMALL.vocab_size, SMALL.n_ctx, max_requests=6))
+def test_a_user_scheduler_is_checked_by_flover_testing(make_backend, trace):
+    check_scheduler(OnePrefillPerIteration(), lambda: SlotLayout(SMALL, 3), make_backend, trace)
+
+
+class ForgetsTheLastRequest(FusedScheduler):
+    """Broken on purpose: never admits request 3."""
+
+    def admit(self, waiting, running, memory, now):
+        if waiting and waiting[0].request.id == 3:
+            return 0
+        return super().admit([s for s in waiting if s.request.id != 3][:1], running, memory, now)
+
+
+def test_a_scheduler_that_never_admits_someone_is_an_error_not_a_silent_loss(make_backend):
+    with pytest.raises(RuntimeError, match="request 3 waits, nothing runs"):
+        check_scheduler(ForgetsTheLastRequest(), lambda: SlotLayout(SMALL, 2), make_backend,
+                        burst((2, 2), (2, 2), (2, 2), (2, 2)))  # fmt: skip
+
+
+def test_serial_scheduler_runs_one_request_at_a_time(small_model):
+    backend = RecordingBackend(*small_model, 2)
+    Engine(backend, SerialScheduler(), SlotLayout(SMALL, 2), VirtualClock()).run(burst((3, 4), (2, 4)))
+    assert all(len(step) == 1 for step in backend.steps)
+
+
+def test_instances_are_processes_with_their_own_model_and_return_serial_tokens(small_model, make_backend):
+    trace = [Request(i, 0.0, tuple(range(1, 4 + i)), 6) for i in range(6)]  # a burst: both instances get work
+    factory = BackendFactory("numpy", *small_model)
+    run = run_policy(PolicyConfig("instances", instances=2), factory, trace, clock=WallClock())
+    assert {r.id: r.tokens for r in run.results} == serial_outputs(make_backend, trace)
+    assert {r.instance for r in run.results} == {0, 1}, "the router used both instances"
+    assert run.metrics["decode_steps"] > 0
+
+
+def test_a_memory_check_names_the_figures_the_limit_and_the_flag():
+    from flover.budget import check_memory
+
+    with pytest.raises(ValueError, match=r"needs 1\.0 GiB .* more than the 0\.5 GiB .*lower --slots or --kv-memory"):
+        check_memory(SMALL, kv_bytes=2**30, available=2**29)
+    with pytest.raises(ValueError, match="lower --instances"):
+        check_memory(SMALL, kv_bytes=0, instances=1000, instance_kv_bytes=2**20, available=2**29)
+
+
+def test_kv_budget_sizes_both_layouts():
+    slot = 2 * SMALL.n_layer * SMALL.n_embd * 4 * SMALL.n_ctx  # bytes of one full-context slot
+    gib = 10 * slot / 2**30
+    assert PolicyConfig("fused", kv_memory_gib=gib).layout(SMALL).shape.n_blocks == 10
+    paged = PolicyConfig("fused", kv="paged", block_size=16, kv_memory_gib=gib).layout(SMALL).shape
+    assert paged.n_blocks == 10 * SMALL.n_ctx // 16 and paged.nbytes(SMALL) == 10 * slot
+    with pytest.raises(ValueError, match="holds no slot"):
+        PolicyConfig("fused", kv_memory_gib=slot / 2 / 2**30).layout(SMALL)
+
+
+def test_step_records_count_prefill_decode_and_idle_rows(make_backend):
+    run = run_policy(PolicyConfig("fused", slots=2), make_backend, burst((3, 3), (4, 3)), clock=VirtualClock())
+    steps = run.stats.steps
+    assert sum(s.prefill_rows for s in steps) == 7 and sum(s.rows for s in steps) == 7 + 2 * 2
+    assert run.metrics["mean_batch"] == 2.0 and run.metrics["kv_peak_bytes"] <= run.metrics["kv_budget_bytes"]
