@@ -1,170 +1,210 @@
-"""Serving on the CPU: the four policies on one Poisson trace of the gpt2 shape.
+"""Serving on the CPU, gpt2 shape: KV layouts under one budget, chunked against alone prefill, the four policies.
 
-    python benchmarks/serving_cpu.py                 # the full run written to RESULTS.md
-    python benchmarks/serving_cpu.py --quick         # a smoke run on the tiny preset
+    python benchmarks/serving_cpu.py            # the full run, written to RESULTS.md
+    python benchmarks/serving_cpu.py --quick    # tiny preset: checks the script runs
 
-Per rate: fused (with and without the memory shuffle), serial, dynamic
-batching at several batch sizes and windows and concurrent instances at 2
-and 4, all on the same trace in wall-clock time. Fused and dynamic run the
-batch-invariant kernels; serial and instances run whichever path is faster at
-batch 1 (measured here first), so no ratio is flattered. The two fused runs
-go first and again last, in reverse order, and their figures are the mean of
-both, so neither gains from running on a cooler or warmer machine.
+Three experiments, each on one Poisson trace with variable output lengths,
+every policy replaying the same trace in wall-clock time:
+
+1. layouts, one KV budget (``--budget-slots`` full-context slots' worth of
+   memory): Flover's slots with the memory shuffle, slots without it (a hole
+   is computed at its departed request's last length, as in Flover's
+   contiguous batch), and vLLM-style paged blocks, which fit more requests
+   in the same memory;
+2. prefill, on longer prompts: every prompt in a step of its own (Flover)
+   against chunks piggybacked on the decode steps (Sarathi, vLLM);
+3. policies: serial, instances (N processes, each with its own weights and
+   1/N of the cores, as Triton's instances are separate contexts), dynamic
+   batching and fused, at a saturating rate.
+
+Within an experiment the runs take turns in two rounds, the second in
+reverse order, and each figure is the mean of both, so no run gains from a
+cooler or warmer machine. Serial and instances decode on whichever path is
+faster at batch 1 (measured first), so no ratio is flattered.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
-from pathlib import Path
+import harness  # first of ours: puts the repository on sys.path, loads no NumPy
 
-from tqdm import tqdm
+ARGS_PARSER = harness.parser(__doc__, quick="tiny preset, 12 requests: checks the script runs")
+ARGS_PARSER.add_argument("--model", default="gpt2")
+ARGS_PARSER.add_argument("--requests", type=int, default=64)
+ARGS_PARSER.add_argument("--budget-slots", type=int, default=8, help="layouts: the KV budget, in full-context slots")
+ARGS_PARSER.add_argument("--block-size", type=int, default=16, help="layouts: positions per paged block")
+ARGS_PARSER.add_argument("--slots", type=int, default=32, help="prefill and policies: fused slots, dynamic's batch")
+ARGS_PARSER.add_argument("--chunks", default="256,64", help="prefill: chunk budgets (tokens per step) to try")
+ARGS_PARSER.add_argument("--instances", type=int, default=2)
+ARGS_PARSER.add_argument("--seed", type=int, default=0)
+ARGS = ARGS_PARSER.parse_args()
+harness.start()
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-# isort: off
-import reference  # noqa: E402, F401  (first: it sets the thread settings NumPy's BLAS reads as it loads)
 import numpy as np  # noqa: E402
-# isort: on
+from tqdm import tqdm  # noqa: E402
 
-from benchmarks.results_file import machine, today, write_section  # noqa: E402
-from flover.backends import make_backend  # noqa: E402
-from flover.runner import PolicyConfig, check_trace, run_policy, warm_up  # noqa: E402
+from flover.backends import BackendFactory  # noqa: E402
+from flover.runner import PolicyConfig, RunResult, check_trace, fits, run_policy, warm_up  # noqa: E402
 from flover.trace import poisson_trace  # noqa: E402
 from reference import init_weights, preset  # noqa: E402
 
+GIB = 2**30
+# (rate, requests, prompt lengths, output lengths) of each experiment's trace
+TRACES = {
+    "layouts": (64.0, 1.0, (16, 64), (32, 192)),
+    "prefill": (4.0, 0.75, (64, 256), (32, 96)),
+    "policies": (64.0, 0.5, (16, 64), (32, 128)),
+}
+QUICK_TRACES = {name: (200.0, 1.0, (4, 8), (4, 24)) for name in TRACES}
 
-def step_ms(backend, batch: int, position: int = 64, repeats: int = 5) -> float:
-    slots, tokens, positions = np.arange(batch), np.zeros(batch, np.int64), np.full(batch, position)
-    backend.decode(slots, tokens, positions)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        backend.decode(slots, tokens, positions)
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+
+class Runner:
+    """Runs policies on shared, warm backends: one per KV shape, plus the batch-1 path for serial."""
+
+    def __init__(self, config, weights, solo: str) -> None:
+        self.factories = {name: BackendFactory(name, config, weights) for name in ("numpy", solo)}
+        self.solo = solo
+        self.backends = []
+
+    def backend(self, pc: PolicyConfig):
+        if pc.policy == "instances":
+            return None
+        name = self.solo if pc.policy == "serial" else "numpy"
+        shape = pc.layout(self.factories[name].config).shape
+        for b_name, backend in self.backends:
+            if b_name == name and fits(backend.kv, shape):
+                return backend
+        backend = self.factories[name](shape)
+        warm_up(backend)
+        self.backends.append((name, backend))
+        return backend
+
+    def rounds(self, plans: list[PolicyConfig], trace, title: str) -> dict[str, list[RunResult]]:
+        """Every plan twice, the second round in reverse order; label -> its runs."""
+        runs: dict[str, list[RunResult]] = {pc.label: [] for pc in plans}
+        for pc in plans + plans[::-1]:
+            factory = self.factories[self.solo if pc.policy in ("serial", "instances") else "numpy"]
+            with tqdm(total=len(trace), desc=f"{title}: {pc.label}", unit="req", leave=False) as bar:
+                runs[pc.label].append(run_policy(pc, factory, trace, on_finish=lambda _: bar.update(),
+                                                 backend=self.backend(pc)))  # fmt: skip
+        return runs
+
+
+def mean(runs: list[RunResult], key: str, q: str | None = None) -> float:
+    return float(np.mean([r.metrics[key][q] if q else r.metrics[key] for r in runs]))
+
+
+def same_tokens(runs: dict[str, list[RunResult]]) -> bool:
+    tokens = [{r.id: r.tokens for r in run.results} for group in runs.values() for run in group]
+    return all(t == tokens[0] for t in tokens)
+
+
+def layouts(runner: Runner, config, trace) -> str:
+    budget_gib = ARGS.budget_slots * config.n_ctx * 2 * config.n_layer * config.n_embd * 4 / GIB
+    plans = [PolicyConfig("fused", kv_memory_gib=budget_gib, shuffle=True),
+             PolicyConfig("fused", kv_memory_gib=budget_gib, shuffle=False),
+             PolicyConfig("fused", kv_memory_gib=budget_gib, kv="paged", block_size=ARGS.block_size)]  # fmt: skip
+    runs = runner.rounds(plans, trace, "layouts")
+    lines = ["| layout | requests it fits | tok/s | mean latency (s) | p99 latency (s) | mean batch | idle rows "
+             "| moves | preemptions | KV in use, mean (GiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for pc in plans:
+        group, shape = runs[pc.label], pc.layout(config).shape
+        fit = shape.n_slots(config) if pc.kv == "slots" else f"{shape.n_blocks} blocks"
+        idle = mean(group, "idle_rows") / max(mean(group, "rows"), 1)
+        lines.append(f"| {pc.label} | {fit} | {mean(group, 'throughput_tok_s'):.1f} | {mean(group, 'latency_s', 'mean'):.2f} "
+                     f"| {mean(group, 'latency_s', 'p99'):.2f} | {mean(group, 'mean_batch'):.1f} | {idle:.0%} "
+                     f"| {mean(group, 'moves'):.0f} | {mean(group, 'preemptions'):.0f} "
+                     f"| {mean(group, 'kv_mean_bytes') / GIB:.2f} of {budget_gib:.2f} |")  # fmt: skip
+    slots, holes, paged = (runs[pc.label] for pc in plans)
+    tput = lambda g: mean(g, "throughput_tok_s")  # noqa: E731
+    lat = lambda g: mean(g, "latency_s", "mean")  # noqa: E731
+    lines += ["",
+              f"- the shuffle: **{tput(slots) / tput(holes):.2f}x** the throughput and **{lat(holes) / lat(slots):.2f}x** "
+              f"lower mean latency than computing the holes ({mean(holes, 'decode_s'):.1f} s against "
+              f"{mean(slots, 'decode_s'):.1f} s in decode steps)",
+              f"- paged against slots with the shuffle, same memory: **{tput(paged) / tput(slots):.2f}x** the "
+              f"throughput, **{lat(slots) / lat(paged):.2f}x** lower mean latency, mean batch "
+              f"{mean(paged, 'mean_batch'):.1f} against {mean(slots, 'mean_batch'):.1f}",
+              f"- token-identical across layouts and rounds: {'yes' if same_tokens(runs) else 'NO'}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def prefill(runner: Runner, trace) -> str:
+    plans = [PolicyConfig("fused", slots=ARGS.slots)]
+    plans += [PolicyConfig("fused", slots=ARGS.slots, prefill="chunked", chunk_tokens=int(c)) for c in ARGS.chunks.split(",")]
+    runs = runner.rounds(plans, trace, "prefill")
+    lines = ["| prefill | tok/s | TTFT p50 (s) | TTFT p99 (s) | TPOT p50 (ms) | TPOT p99 (ms) | mean latency (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for pc in plans:
+        g = runs[pc.label]
+        lines.append(f"| {pc.label} | {mean(g, 'throughput_tok_s'):.1f} | {mean(g, 'ttft_s', 'p50'):.2f} "
+                     f"| {mean(g, 'ttft_s', 'p99'):.2f} | {1e3 * mean(g, 'tpot_s', 'p50'):.1f} "
+                     f"| {1e3 * mean(g, 'tpot_s', 'p99'):.1f} | {mean(g, 'latency_s', 'mean'):.2f} |")  # fmt: skip
+    alone, chunked = runs[plans[0].label], runs[plans[1].label]
+    lines += ["",
+              f"- {plans[1].label} against alone: TPOT p99 "
+              f"**{mean(alone, 'tpot_s', 'p99') / mean(chunked, 'tpot_s', 'p99'):.2f}x** lower, TTFT p99 {mean(alone, 'ttft_s', 'p99') / mean(chunked, 'ttft_s', 'p99'):.2f}x lower "
+              f"(below 1: higher)",
+              f"- token-identical across prefill modes and rounds: {'yes' if same_tokens(runs) else 'NO'}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def policies(runner: Runner, trace) -> str:
+    plans = [PolicyConfig("serial"), PolicyConfig("instances", instances=ARGS.instances),
+             PolicyConfig("dynamic", max_batch=ARGS.slots, queue_delay_s=0.05),
+             PolicyConfig("fused", slots=ARGS.slots)]  # fmt: skip
+    runs = runner.rounds(plans, trace, "policies")
+    serial, fused = runs[plans[0].label], runs[plans[-1].label]
+    lines = ["| policy | tok/s | x serial | mean latency (s) | p99 latency (s) | mean latency, returned whole (s) |",
+             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for pc in plans:
+        g = runs[pc.label]
+        lines.append(f"| {pc.label} | {mean(g, 'throughput_tok_s'):.1f} "
+                     f"| {mean(g, 'throughput_tok_s') / mean(serial, 'throughput_tok_s'):.2f} "
+                     f"| {mean(g, 'latency_s', 'mean'):.2f} | {mean(g, 'latency_s', 'p99'):.2f} "
+                     f"| {mean(g, 'returned_latency_s', 'mean'):.2f} |")  # fmt: skip
+    lat = lambda g: mean(g, "latency_s", "mean")  # noqa: E731
+    lines += ["",
+              "- fused against each, mean latency: " + ", ".join(f"{pc.label} **{lat(runs[pc.label]) / lat(fused):.2f}x**"
+                                                                 for pc in plans[:-1]),
+              f"- token-identical across policies and rounds: {'yes' if same_tokens(runs) else 'NO'}"]  # fmt: skip
+    return "\n".join(lines)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gpt2")
-    p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--prompt-len", default="16:64")
-    p.add_argument("--output-len", default="32:128")
-    p.add_argument("--rates", default="2,6,64", help="low, middle and saturating arrival rates (requests/s)")
-    p.add_argument("--slots", type=int, default=32)
-    p.add_argument("--max-batches", default="8,32", help="dynamic batching: largest batch sizes to try")
-    p.add_argument("--windows-ms", default="50,500", help="dynamic batching: windows to try")
-    p.add_argument("--instances", default="2,4")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny preset, 12 requests: checks the script runs")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
-    args = p.parse_args()
-    if args.quick:
-        args.model, args.requests, args.prompt_len, args.output_len, args.rates = "tiny", 12, "4:8", "4:12", "200"
-        args.slots, args.max_batches, args.windows_ms, args.instances, args.no_write = 4, "4", "20", "2", True
-
-    config = preset(args.model)
+    if ARGS.quick:
+        ARGS.model, ARGS.requests, ARGS.slots, ARGS.chunks, ARGS.no_write = "tiny", 12, 4, "8", True
+        ARGS.budget_slots, ARGS.block_size = 2, 8
+    config = preset(ARGS.model)
     weights = init_weights(config, seed=0)
-    fast = {name: make_backend(name, config, weights, 1) for name in ("numpy", "numpy-blas")}
-    for b in fast.values():
-        warm_up(b, config)
-    solo = {name: np.inf for name in fast}
-    for _ in range(3):  # rounds in turn, best of each, so a noisy moment cannot pick the slower path
-        for name, b in fast.items():
-            solo[name] = min(solo[name], step_ms(b, 1, repeats=10))
-    baseline = min(solo, key=solo.get)
-    print(f"batch-1 decode step: invariant {solo['numpy']:.1f} ms, BLAS {solo['numpy-blas']:.1f} ms -> "
-          f"serial and instances use {baseline}")  # fmt: skip
-    del fast
-
-    fused_backend = make_backend("numpy", config, weights, args.slots)
-    warm_up(fused_backend, config)
-    serial_backend = make_backend(baseline, config, weights, 1)
-    warm_up(serial_backend, config)
-    invariant = lambda n: make_backend("numpy", config, weights, n)  # noqa: E731
-    solo_factory = lambda n: make_backend(baseline, config, weights, n)  # noqa: E731
-
-    fused = [(PolicyConfig("fused", slots=args.slots, shuffle=shuffle), invariant, fused_backend) for shuffle in (True, False)]
-    plans = [(PolicyConfig("serial"), solo_factory, serial_backend)]
-    plans += [(PolicyConfig("dynamic", max_batch=int(b), window_s=float(w) / 1e3), invariant, fused_backend)
-              for b in args.max_batches.split(",") if int(b) <= args.slots for w in args.windows_ms.split(",")]  # fmt: skip
-    plans += [(PolicyConfig("instances", instances=int(n)), solo_factory, None) for n in args.instances.split(",")]
-    plans = fused + plans + fused[::-1]  # fused first and last, in turn
-
-    lengths = [tuple(int(v) for v in text.split(":")) for text in (args.prompt_len, args.output_len)]
+    solo_backends = {name: BackendFactory(name, config, weights)(1) for name in ("numpy", "numpy-blas")}
+    for b in solo_backends.values():
+        warm_up(b)
+    step_s = harness.best_of_rounds({name: lambda b=b: harness.median_s(harness.decode_step(b, 1, 64), 10)
+                                     for name, b in solo_backends.items()}, 3)  # fmt: skip
+    solo = min(step_s, key=step_s.get)
+    print(f"batch-1 decode step: invariant {1e3 * step_s['numpy']:.1f} ms, BLAS {1e3 * step_s['numpy-blas']:.1f} ms "
+          f"-> serial and instances use {solo}")  # fmt: skip
+    del solo_backends
+    runner = Runner(config, weights, solo)
     sections = []
-    for rate in [float(r) for r in args.rates.split(",")]:
-        trace = poisson_trace(rate, args.requests, lengths[0], lengths[1], seed=args.seed, vocab_size=config.vocab_size)
+    for name, experiment in (("layouts", layouts), ("prefill", prefill), ("policies", policies)):
+        rate, share, prompts, outputs = (QUICK_TRACES if ARGS.quick else TRACES)[name]
+        n = max(2, int(ARGS.requests * share))
+        trace = poisson_trace(rate, n, prompts, outputs, seed=ARGS.seed, vocab_size=config.vocab_size)
         check_trace(config, trace)
-        runs = []
-        for pc, factory, backend in plans:
-            with tqdm(total=len(trace), desc=f"rate {rate:g}: {pc.label}", unit="req", leave=False) as bar:
-                runs.append(run_policy(pc, factory, trace, on_finish=lambda _: bar.update(), backend=backend))
-        tokens = {r.id: r.tokens for r in runs[0].results}
-        same = [run.config.label for run in runs if {r.id: r.tokens for r in run.results} == tokens]
-        sections.append(report(rate, runs, len(same) == len(runs)))
-        print(sections[-1], flush=True)
-
-    body = "\n\n".join(sections)
-    header = (f"## Serving on the CPU ({args.model} shape, {args.requests} Poisson requests)\n\n"
-              f"Command: `python benchmarks/serving_cpu.py` (prompts {args.prompt_len}, outputs {args.output_len} "
-              f"tokens, fused with {args.slots} slots, dynamic at batch sizes {args.max_batches} and windows "
-              f"{args.windows_ms} ms). Machine: {machine()}. Date: {today()}.\n\n"
-              f"Batch-1 decode step measured first: invariant kernels {solo['numpy']:.1f} ms, BLAS "
-              f"{solo['numpy-blas']:.1f} ms, so serial and instances ran on `{baseline}`.\n\n")  # fmt: skip
-    if not args.no_write:
-        write_section("serving_cpu", header + body)
-        print("wrote benchmarks/RESULTS.md")
-
-
-def mean_run(runs) -> dict:
-    """Metrics averaged over repeated runs of one configuration (the fused pair)."""
-    keys = ("throughput_tok_s", "mean_batch", "decode_s", "wasted_lanes", "lanes")
-    out = {k: float(np.mean([r.metrics[k] for r in runs])) for k in keys}
-    for k in ("latency_s", "ttft_s", "returned_latency_s"):
-        out[k] = {q: float(np.mean([r.metrics[k][q] for r in runs])) for q in ("mean", "p99")}
-    return out
-
-
-def report(rate: float, runs, identical: bool) -> str:
-    fused, unshuffled = (mean_run([r for r in runs if r.config.policy == "fused" and r.config.shuffle == s])
-                         for s in (True, False))  # fmt: skip
-    moves = [r.stats.moves for r in runs if r.config.policy == "fused" and r.config.shuffle]
-    others = [r for r in runs if r.config.policy != "fused"]
-    dynamic = min((r for r in others if r.config.policy == "dynamic"), key=lambda r: r.metrics["latency_s"]["mean"])
-    returned = min((r for r in others if r.config.policy == "dynamic"),
-                   key=lambda r: r.metrics["returned_latency_s"]["mean"])  # fmt: skip
-    instances = min((r for r in others if r.config.policy == "instances"), key=lambda r: r.metrics["latency_s"]["mean"])
-    serial = next(r for r in others if r.config.policy == "serial")
-    lines = [f"### {rate:g} requests/s", "",
-             "| policy | tok/s | mean latency (s) | p99 latency (s) | mean latency, returned whole (s) | mean TTFT (s) "
-             "| mean batch | idle rows |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    rows = [(f"fused (slots {runs[0].config.slots}), mean of 2 runs", fused),
-            ("fused, no shuffle, mean of 2 runs", unshuffled)]  # fmt: skip
-    rows += [(r.config.label + (" (best)" if r in (dynamic, instances) else ""), r.metrics) for r in others]
-    for label, m in rows:
-        lines.append(f"| {label} | {m['throughput_tok_s']:.1f} | {m['latency_s']['mean']:.2f} | {m['latency_s']['p99']:.2f} "
-                     f"| {m['returned_latency_s']['mean']:.2f} | {m['ttft_s']['mean']:.2f} | {m['mean_batch']:.1f} "
-                     f"| {m['wasted_lanes'] / max(m['lanes'], 1):.0%} |")  # fmt: skip
-    f_lat = fused["latency_s"]["mean"]
-    lines += ["",
-              f"- fused throughput / serial: **{fused['throughput_tok_s'] / serial.metrics['throughput_tok_s']:.2f}x**",
-              f"- best dynamic mean latency / fused: **{dynamic.metrics['latency_s']['mean'] / f_lat:.2f}x**"
-              f" ({dynamic.config.label}, each request timed to its own last token, as if streamed)",
-              f"- best dynamic returning each batch whole (Triton without streaming) / fused: "
-              f"**{returned.metrics['returned_latency_s']['mean'] / f_lat:.2f}x** ({returned.config.label})",
-              f"- best instances mean latency / fused: **{instances.metrics['latency_s']['mean'] / f_lat:.2f}x**"
-              f" ({instances.config.label})",
-              f"- memory shuffle: {np.mean(moves):.0f} slot moves per run; without it the fused step computed "
-              f"{unshuffled['wasted_lanes']:.0f} hole rows ({unshuffled['wasted_lanes'] / unshuffled['lanes']:.0%} of "
-              f"its rows) and spent {unshuffled['decode_s']:.1f} s in decode steps against {fused['decode_s']:.1f} s with it; "
-              f"throughput {fused['throughput_tok_s'] / unshuffled['throughput_tok_s']:.2f}x, mean latency "
-              f"{unshuffled['latency_s']['mean'] / f_lat:.2f}x lower with the shuffle",
-              f"- token-identical to fused: {'every run' if identical else 'NOT every run'}"]  # fmt: skip
-    return "\n".join(lines)
+        table = experiment(runner, config, trace) if name == "layouts" else experiment(runner, trace)
+        heading = (f"### {name}: {n} requests at {rate:g}/s, prompts {prompts[0]}..{prompts[1]}, outputs "
+                   f"{outputs[0]}..{outputs[1]} tokens")  # fmt: skip
+        sections.append(f"{heading}\n\n{table}")
+        print(sections[-1] + "\n", flush=True)
+    header = (f"## Serving on the CPU: KV layouts, chunked prefill, the policies ({ARGS.model} shape)\n\n"
+              f"Command: `{harness.command_line()}`. Machine: {harness.machine()}. Date: {harness.today()}.\n\n"
+              f"Each figure is the mean of two rounds (the second in reverse order). Batch-1 decode step measured "
+              f"first: invariant kernels {1e3 * step_s['numpy']:.1f} ms, BLAS {1e3 * step_s['numpy-blas']:.1f} ms, "
+              f"so serial and instances ran on `{solo}`.\n\n")  # fmt: skip
+    if not ARGS.no_write:
+        harness.write_section("serving_cpu", header + "\n\n".join(sections))
 
 
 if __name__ == "__main__":

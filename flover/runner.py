@@ -70,9 +70,9 @@ class PolicyConfig:
     @property
     def label(self) -> str:
         if self.policy == "fused":
-            memory = f"paged {self.block_size}" if self.kv == "paged" else f"slots {self.slots}"
+            memory = f"paged {self.block_size}" if self.kv == "paged" else "slots"
+            memory += f" in {self.kv_memory_gib:.3g} GiB" if self.kv_memory_gib else "" if self.kv == "paged" else f" {self.slots}"
             memory += "" if self.kv == "paged" or self.shuffle else ", no shuffle"
-            memory += "" if self.kv_memory_gib is None else f", {self.kv_memory_gib:g} GiB"
             chunked = f", chunked {self.chunk_tokens}" if self.prefill == "chunked" else ""
             return f"fused ({memory}{chunked})"
         if self.policy == "dynamic":
