@@ -71,7 +71,10 @@ class PolicyConfig:
     def label(self) -> str:
         if self.policy == "fused":
             memory = f"paged {self.block_size}" if self.kv == "paged" else "slots"
-            memory += f" in {self.kv_memory_gib:.3g} GiB" if self.kv_memory_gib else "" if self.kv == "paged" else f" {self.slots}"
+            if self.kv_memory_gib:
+                memory += f" in {self.kv_memory_gib:.3g} GiB"
+            elif self.kv == "slots":
+                memory += f" {self.slots}"
             memory += "" if self.kv == "paged" or self.shuffle else ", no shuffle"
             chunked = f", chunked {self.chunk_tokens}" if self.prefill == "chunked" else ""
             return f"fused ({memory}{chunked})"
