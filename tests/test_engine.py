@@ -3,7 +3,6 @@ chunked prefill's budget, a user's own scheduler, and instances as processes."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 
@@ -172,3 +171,32 @@ def test_step_records_count_prefill_decode_and_idle_rows(make_backend):
     steps = run.stats.steps
     assert sum(s.prefill_rows for s in steps) == 7 and sum(s.rows for s in steps) == 7 + 2 * 2
     assert run.metrics["mean_batch"] == 2.0 and run.metrics["kv_peak_bytes"] <= run.metrics["kv_budget_bytes"]
+
+
+def test_a_live_engine_serves_requests_submitted_while_it_runs_and_drops_the_cancelled(small_model, make_backend):
+    import threading
+
+    from flover.engine import LiveEngine, QueueFull
+
+    finished, first_tokens = [], threading.Event()
+    engine = Engine(NumpyBackend(*small_model, 2), FusedScheduler(), SlotLayout(SMALL, 2), WallClock(),
+                    on_finish=finished.append, on_token=lambda state: first_tokens.set())  # fmt: skip
+    live = LiveEngine(engine, max_waiting=10).start()
+    trace = burst((3, 5), (4, 5), (2, 5))
+    for r in trace:
+        live.submit(r)
+    first_tokens.wait(5)
+    long = live.submit(Request("long", 0.0, (1, 2), 60))
+    live.cancel("long")
+    live.stop(timeout=30)
+    by_id = {r.id: r for r in finished}
+    assert sorted(map(str, by_id)) == ["0", "1", "2", "long"], "each accepted request handed back once"
+    truth = serial_outputs(make_backend, trace)
+    assert all(by_id[r.id].tokens == truth[r.id] for r in trace)
+    assert by_id["long"].finish_reason == "cancelled" and len(by_id["long"].tokens) < 60
+    assert long.arrival_s > 0 and live.running == live.waiting == 0 and engine.memory.held_bytes() == 0
+    with pytest.raises(RuntimeError, match="shutting down"):
+        live.submit(Request("late", 0.0, (1,), 1))
+    full = LiveEngine(Engine(NumpyBackend(*small_model, 1), FusedScheduler(), SlotLayout(SMALL, 1)), max_waiting=0)
+    with pytest.raises(QueueFull, match="the bound --max-waiting is 0"):
+        full.submit(Request("x", 0.0, (1,), 1))

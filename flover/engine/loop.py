@@ -8,13 +8,17 @@ Each iteration:
    computes (a prompt, a chunk of it, or one decode token), plus the idle
    lanes the layout computes for no one; the backend returns each lane's
    last logits, and every request whose ids are all cached samples a token;
-4. finished requests leave and free their memory;
+4. finished (or cancelled) requests leave and free their memory;
 5. the layout compacts memory (Flover's shuffle) and the backend moves the blocks.
 
 A request that cannot grow its memory (paged layout, pool full) is
 preempted: its memory is taken back, its tokens kept, and it goes back to
 the front of the queue, to be recomputed when it is admitted again (vLLM's
 recompute). Nothing is dropped: every request given to ``run`` finishes.
+
+``run`` serves a list of timed requests; a server calls ``iterate`` with the
+requests that arrived since the last iteration, and ``cancelled`` takes the
+ids of requests whose clients went away (see ``flover.engine.live``).
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ class Engine:
     """Serve requests on ``backend`` under ``scheduler``, with KV memory laid out by ``memory``."""
 
     def __init__(self, backend: Backend, scheduler: Scheduler, memory: KVLayout, clock=None,
-                 keep_logits: bool = False, on_finish: Callable[[RequestResult], None] | None = None) -> None:  # fmt: skip
+                 keep_logits: bool = False, on_finish: Callable[[RequestResult], None] | None = None,
+                 on_token: Callable[[RequestState], None] | None = None) -> None:  # fmt: skip
         have, need = backend.kv, memory.shape
         if have.block_size != need.block_size or have.n_blocks < need.n_blocks:
             raise ValueError(f"the layout needs {need.n_blocks} blocks of {need.block_size} positions; the backend "
@@ -48,7 +53,11 @@ class Engine:
         self.clock = clock or WallClock()
         self.keep_logits = keep_logits
         self.on_finish = on_finish
+        self.on_token = on_token  # called after every sampled token (a server streams from it)
         self.stats = EngineStats()
+        self.waiting: deque[RequestState] = deque()  # arrived, not in memory; first come, first served
+        self.running: list[RequestState] = []  # in memory, in admission order
+        self.cancelled: set[int | str] = set()  # ids to drop at the next iteration (any thread may add)
         self.done: list[RequestResult] = []
         self.unreturned: list[RequestResult] = []  # finished, held until the batch returns whole
 
@@ -57,33 +66,56 @@ class Engine:
         for request in requests:
             self.memory.check_fits(request)
         pending = deque(sorted(requests, key=lambda r: r.arrival_s))
-        waiting: deque[RequestState] = deque()
-        running: list[RequestState] = []
-        while pending or waiting or running:
+        while pending or self.waiting or self.running:
             now = self.clock.now()  # admit only what had arrived when the iteration began,
-            while pending and pending[0].arrival_s <= now:  # so prefills cannot starve the batch
-                waiting.append(RequestState.start(pending.popleft(), self.keep_logits))
-            for _ in range(self.scheduler.admit(waiting, running, self.memory, now) if waiting else 0):
-                state = waiting.popleft()
-                state.admitted_s = now if np.isnan(state.admitted_s) else state.admitted_s
-                running.append(state)
-            if not running:
-                self._idle(pending, waiting, now)
-                continue
-            for work in self.scheduler.steps(running):
-                self._step(work, running, waiting)
-            self._compact()
-            if not running:
-                self._return_batch()
+            arrived = []  # so prefills cannot starve the batch
+            while pending and pending[0].arrival_s <= now:
+                arrived.append(pending.popleft())
+            if not self.iterate(arrived, now):
+                self._idle(pending, now)
         return self.done
 
-    def _idle(self, pending: deque[Request], waiting: deque[RequestState], now: float) -> None:
+    def iterate(self, arrived: Sequence[Request], now: float) -> bool:
+        """One iteration of the loop at time ``now``; False when nothing could run (the caller waits)."""
+        self.waiting.extend(RequestState.start(r, self.keep_logits) for r in arrived)
+        self._drop_cancelled()
+        for _ in range(self.scheduler.admit(self.waiting, self.running, self.memory, now) if self.waiting else 0):
+            state = self.waiting.popleft()
+            state.admitted_s = now if np.isnan(state.admitted_s) else state.admitted_s
+            self.running.append(state)
+        if not self.running:
+            return False
+        for work in self.scheduler.steps(self.running):
+            self._step(work, self.running, self.waiting)
+        self._compact()
+        if not self.running:
+            self._return_batch()
+        return True
+
+    def wake_at(self, now: float) -> float | None:
+        """When an idle engine wants to look again without a new arrival (dynamic batching's delay)."""
+        return self.scheduler.wake_at(self.waiting, now) if self.waiting else None
+
+    def _idle(self, pending: deque[Request], now: float) -> None:
         """Nothing runs: wait for the next arrival, or for the scheduler's own moment."""
-        times = [t for t in (self.scheduler.wake_at(waiting, now), pending[0].arrival_s if pending else None)
-                 if t is not None and t > now]  # fmt: skip
+        times = [t for t in (self.wake_at(now), pending[0].arrival_s if pending else None) if t is not None and t > now]
         if not times:
-            raise RuntimeError(f"request {waiting[0].request.id!r} waits, nothing runs, and nothing will change")
+            raise RuntimeError(f"request {self.waiting[0].request.id!r} waits, nothing runs, and nothing will change")
         self.clock.wait_until(min(times))
+
+    def _drop_cancelled(self) -> None:
+        """Requests cancelled since the last iteration leave, free their memory and are handed back as cancelled."""
+        if not self.cancelled:
+            return
+        for state in [s for s in self.waiting if s.request.id in self.cancelled]:
+            self.waiting.remove(state)
+            self.cancelled.discard(state.request.id)
+            self._hand_back(RequestResult.of(state, finish_reason="cancelled"))
+        for state in [s for s in self.running if s.request.id in self.cancelled]:
+            self.running.remove(state)
+            self.memory.release(state)
+            self.cancelled.discard(state.request.id)
+            self._hand_back(RequestResult.of(state, finish_reason="cancelled"))
 
     def _step(self, work: Work, running: list[RequestState], waiting: deque[RequestState]) -> None:
         granted = self._grow(work, running, waiting)
@@ -105,7 +137,10 @@ class Engine:
             state.cached += n
             if state.uncached:  # a chunk short of the prompt's end: its logits are not used
                 continue
-            if state.accept(logits[row], now):
+            finished = state.accept(logits[row], now)
+            if self.on_token:
+                self.on_token(state)
+            if finished:
                 running.remove(state)
                 self.memory.release(state)
                 self._finish(state)

@@ -57,6 +57,11 @@ class RequestState:
         return len(self.ids) - self.cached
 
     @property
+    def finish_reason(self) -> str:
+        """``stop`` if a stop id ended it, else ``length`` (OpenAI's names)."""
+        return "stop" if self.generated and self.ids[-1] in self.request.stop_ids else "length"
+
+    @property
     def done(self) -> bool:
         r = self.request
         return self.generated >= r.max_new_tokens or (self.generated > 0 and self.ids[-1] in r.stop_ids)
@@ -87,15 +92,18 @@ class RequestResult:
     logits: list[np.ndarray] | None = None
     returned_s: float | None = None  # when a server that does not stream hands it back; None: at finish_s
     preempted: int = 0  # times its KV memory was taken back and recomputed (paged layout)
+    finish_reason: str = "length"  # length, stop, or cancelled (its client went away)
 
     @property
     def returned(self) -> float:
         return self.finish_s if self.returned_s is None else self.returned_s
 
     @classmethod
-    def of(cls, state: RequestState, instance: int = 0, returned_s: float | None = None) -> RequestResult:
+    def of(cls, state: RequestState, instance: int = 0, returned_s: float | None = None,
+           finish_reason: str | None = None) -> RequestResult:  # fmt: skip
         return cls(state.request.id, state.request.arrival_s, state.admitted_s, state.first_token_s, state.finish_s,
-                   list(state.tokens), instance, state.logits, returned_s, state.preempted)  # fmt: skip
+                   list(state.tokens), instance, state.logits, returned_s, state.preempted,
+                   finish_reason or state.finish_reason)  # fmt: skip
 
     def as_json(self) -> dict:
         return {"id": self.id, "tokens": self.tokens, "arrival_s": self.arrival_s,
