@@ -45,10 +45,10 @@ from _display import OUT, show, show_file  # tutorials/_display.py
 # %% [markdown]
 # ## Requests and Poisson arrivals
 #
-# A request is a `flover.request.Request`: an `id`, its `arrival_s` (seconds
-# from the start of the run), its `prompt_ids`, its `max_new_tokens`, and the
-# sampling fields of lesson 2 (`temperature`, `top_k`, `top_p`, `seed`,
-# `stop_ids`; `request.sampling` turns them into `SamplingParams`).
+# A request is a `flover.engine.Request`: an `id`, its `arrival_s` (seconds
+# from the start of the run), its `prompt_ids`, its `max_new_tokens`, its
+# `sampling` (lesson 2's `SamplingParams`; greedy by default) and its
+# `stop_ids`.
 #
 # `flover.trace.poisson_trace(rate, n, prompt_len, output_len, seed)` makes n
 # requests arriving as a **Poisson process** of `rate` requests per second,
@@ -58,8 +58,8 @@ from _display import OUT, show, show_file  # tutorials/_display.py
 # uniformly from inclusive ranges, prompt tokens at random (their meaning
 # does not matter for scheduling), and request i gets seed i.
 # %%
+from flover.engine import Request
 from flover.loading import resolve
-from flover.request import Request
 from flover.trace import poisson_trace
 
 config, weights, tokenizer = resolve(None)
@@ -92,21 +92,25 @@ show(fig, "03_arrivals.png")
 # %% [markdown]
 # ## Four policies
 #
-# Every policy runs on the same kind of backend (lesson 2) and makes the
-# same prefill and decode calls; they differ only in which requests share a
-# decode step and when a request may start.
+# Every policy runs on the same kind of backend (lesson 2) and, but for
+# instances, on the same engine loop, `flover.engine.Engine`. Each iteration
+# it admits waiting requests into KV memory, runs steps of lanes (a
+# newcomer's prompt, one decode token for each request in flight), samples,
+# and lets finished requests go. What differs is the **scheduler**, which
+# decides which requests are admitted when and which share a step.
 #
 # - **serial**: first come, first served, one request at a time from prefill
 #   to its last token. This is `reference.generate` applied to each request
 #   in turn, the ground truth.
 # - **dynamic** batching (Triton's dynamic batcher): the first waiting
-#   request opens a batch; the batch closes after `window_s` seconds or when
-#   it holds `max_batch` requests, and then runs until its *longest* member
+#   request opens a batch; the batch closes `queue_delay_s` seconds after it
+#   opened or when it holds `max_batch` requests, and then runs until its *longest* member
 #   is done. Members that finish early stay in the batch as padding, and
 #   requests arriving meanwhile wait for the next batch.
 # - **instances**: `instances` copies of the model serve concurrently, each
 #   serially; a request goes to the copy with the fewest outstanding
-#   requests.
+#   requests. (On the wall clock each copy is a process of its own, with its
+#   own weights and its share of the cores.)
 # - **fused** (temporal fusion, Flover): a single running batch over `slots`
 #   KV slots. A newcomer is prefilled on its own into a free slot and joins
 #   the batch at the very next step; every step runs *one* fused decode step
@@ -114,34 +118,36 @@ show(fig, "03_arrivals.png")
 #
 # `flover.runner.PolicyConfig` names a policy and its settings, and
 # `flover.runner.run_policy(policy_config, make_backend, requests, clock)`
-# serves a trace under it. `make_backend(n_slots)` must return a fresh
-# backend with that many KV slots; each policy asks for what it needs.
+# builds the policy's scheduler (`FusedScheduler`, `SerialScheduler`,
+# `DynamicScheduler`) and KV layout and serves a trace under it.
+# `make_backend(kv)` must return a fresh backend with that much KV memory
+# (an int is that many slots); each policy asks for what it needs. The
+# instance processes build their own backends, so `make_backend` must
+# travel to them: `flover.backends.BackendFactory(name, config, weights)`
+# is a `make_backend` that can.
 #
 # ## Clocks
 #
 # Time comes from a clock. `flover.clock.WallClock()` is real time: the run
 # replays the arrivals as they happen, sleeping while nothing has arrived.
 # `flover.clock.VirtualClock(step_s, prefill_s)` is a model of time: it moves
-# only when the server waits for an arrival, or by `prefill_s` per prefill
-# and `step_s` per decode step, *whatever the batch size*. That is the
+# only when the server waits for an arrival, or by `prefill_s` per prompt
+# (or chunk of one) in a step and `step_s` per step that decodes, *whatever
+# the batch size*. That is the
 # idealised cost of decoding a big model, where a step is bound by reading
 # the weights once, however many requests share the read. Under a virtual
 # clock the model still computes every token for real; only the timestamps
 # are modelled, so the run is deterministic and a picture of it is exact.
 
 # %%
+from flover.backends import BackendFactory
 from flover.clock import VirtualClock, WallClock
 from flover.runner import PolicyConfig, run_policy
-from reference import NumpyBackend
 
-
-def make_backend(n_slots: int) -> NumpyBackend:
-    return NumpyBackend(config, weights, n_slots)
-
-
+make_backend = BackendFactory("numpy", config, weights)  # make_backend(16): a NumpyBackend with 16 slots
 POLICIES = [
     PolicyConfig("serial"),
-    PolicyConfig("dynamic", max_batch=8, window_s=0.01),
+    PolicyConfig("dynamic", max_batch=8, queue_delay_s=0.01),
     PolicyConfig("instances", instances=2),
     PolicyConfig("fused", slots=16),
 ]
@@ -153,7 +159,7 @@ virtual = {pc.policy: run_policy(pc, make_backend, trace, clock=VirtualClock(STE
 #
 # `run_policy` returns a `RunResult`: its `results`, one `RequestResult` per
 # request (its `tokens` and four timestamps: `arrival_s`, `admitted_s` when
-# its prefill started, `first_token_s` and `finish_s`), its `stats` and its
+# it got its KV memory, its prefill next, `first_token_s` and `finish_s`), its `stats` and its
 # `metrics` (below). A policy decides *when*, never *what*: each request's
 # tokens are exactly those `reference.generate` makes for it alone.
 
@@ -179,11 +185,15 @@ print("all four policies returned, for every request, the tokens of reference.ge
 # - **makespan**: from the first arrival to the last finish, and
 #   **throughput**: tokens generated per second of makespan.
 #
-# `run.stats.steps` lists every decode step as a `Step(start_s, end_s, batch,
-# width)`: `batch` requests got a token from it and `width` slots were
-# computed. The two differ when a step computes rows nobody needs (the
-# padding of dynamic batching here, holes in lesson 4). `run.config` is the
-# run's `PolicyConfig`, whose `label` names it in tables and plots.
+# `run.stats.steps` lists every step the engine ran, prefills and decode
+# steps alike, as a `Step(start_s, end_s, batch, rows, idle_rows,
+# prefill_rows, kv_bytes)`: `batch` requests were computed, in `rows` rows
+# of which `prefill_rows` were prompt tokens and `idle_rows` rows were for
+# no request at all (the padding of dynamic batching here, holes in lesson
+# 4); `kv_bytes` is the KV memory requests held. The metrics count the
+# `decode_steps` and their `mean_batch`, the decode rows of a decode step.
+# `run.config` is the run's `PolicyConfig`, whose `label` names it in
+# tables and plots.
 
 
 # %%
@@ -206,12 +216,13 @@ assert virtual["fused"].metrics["makespan_s"] == min(run.metrics["makespan_s"] f
 # ## The timeline
 #
 # `flover.plots.timeline(run, path)` draws one bar per request (grey while it
-# waits, orange during its prefill, blue while it decodes) above the batch
-# size of every decode step, and saves it as a picture. Serial decoding makes
-# everyone queue; dynamic batching lets a batch form, then makes later
-# arrivals wait for the whole batch and carries finished members (the red
-# "slots computed" line above the blue one); fusion lets each request join
-# the running batch one step after its prefill.
+# waits, orange during its prefill, blue while it decodes) above the number
+# of requests in every step (a prefill step holds one), and saves it as a
+# picture. Serial decoding makes everyone queue; dynamic batching lets a
+# batch form, then makes later arrivals wait for the whole batch and carries
+# finished members (the red "lanes computed, idle ones too" line above the
+# blue one); fusion lets each request join the running batch one step after
+# its prefill.
 
 # %%
 from flover.plots import latency_cdfs, timeline
@@ -235,7 +246,7 @@ show_file(latency_cdfs(list(virtual.values()), OUT / "03_latency_virtual.png"))
 # runs one step per generated token, about `sum(max_new_tokens)` in all, and
 # a request waits for everyone who came before it. The two instances halve
 # that queue. A dynamic batch shares steps, but its members wait for the
-# window and the latecomers wait for the batch's longest member. Fusion
+# batch to close and the latecomers wait for the batch's longest member. Fusion
 # shares every step among everyone in flight: its steps are bounded by how
 # long the requests overlap, not by their sum.
 
@@ -319,8 +330,44 @@ assert 1 < ceiling < ms[0] / (ms[-1] / 16), "prefill, paid alike by every policy
 # %%
 wall = {}
 for pc in POLICIES:
-    wall[pc.policy] = run_policy(pc, make_backend, trace, clock=WallClock())
-    assert {r.id: r.tokens for r in wall[pc.policy].results} == truth
+    if pc.policy != "instances":  # below: they run in processes of their own
+        wall[pc.policy] = run_policy(pc, make_backend, trace, clock=WallClock())
+        assert {r.id: r.tokens for r in wall[pc.policy].results} == truth
+
+# %% [markdown]
+# On the wall clock the instances are real: `run_policy` starts one process
+# per instance, each with its own weights and its share of the cores, and
+# routes each request, as it arrives, to the one with the fewest outstanding
+# requests. Python starts such a process by running the parent's main
+# script again in it (the *spawn* start method), so a script that starts
+# processes keeps its top level under `if __name__ == "__main__":`. A
+# lesson cannot, so we serve the instances with the `flover bench` command
+# (lesson 7 says more about it), which is `run_policy` behind such a guard:
+# we write our trace as JSON Lines (`flover.trace.write_trace`), and read
+# back each request's tokens and timestamps, and the metrics, from its
+# `--json` file.
+
+# %%
+import json
+import subprocess
+import sys
+
+from flover.engine import RequestResult
+from flover.runner import RunResult
+from flover.trace import write_trace
+
+with open(OUT / "03_trace.jsonl", "w") as out:
+    write_trace(trace, out)
+bench = subprocess.run([sys.executable, "-m", "flover.cli", "bench", "--trace", str(OUT / "03_trace.jsonl"),
+                        "--policy", "instances", "--instances", "2", "--quiet", "--json", str(OUT / "03_instances.json")],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+assert bench.returncode == 0, bench.stderr[-3000:]
+record = json.loads((OUT / "03_instances.json").read_text())
+nan = float("nan")  # the file keeps no admission times
+served = [RequestResult(r["id"], r["arrival_s"], nan, r["first_token_s"], r["finish_s"], r["tokens"]) for r in record["requests"]]
+assert {r.id: r.tokens for r in served} == truth
+wall["instances"] = RunResult(PolicyConfig("instances", instances=2), served, metrics=record["metrics"])
+wall = {pc.policy: wall[pc.policy] for pc in POLICIES}  # in the order of the table above
 table(wall)
 show_file(timeline(wall["fused"], OUT / "03_timeline_wall_fused.png"))
 show_file(latency_cdfs(list(wall.values()), OUT / "03_latency_wall.png"))
@@ -336,6 +383,23 @@ assert wall["fused"].metrics["makespan_s"] < wall["serial"].metrics["makespan_s"
 # still pauses the batch for its own length: the small gaps in the batch-size
 # curve. Flover avoids even those by running prefills on a separate GPU
 # stream while the batch keeps decoding.
+#
+# Another answer, vLLM's and Sarathi-Serve's, is **chunked prefill**: since
+# a step is just a list of lanes (lesson 2), a prompt can be cut into chunks
+# that ride in the decode steps beside the running batch.
+# `PolicyConfig("fused", prefill="chunked", chunk_tokens=n)` puts every
+# decode and then as many prompt tokens as fit in steps of at most n
+# tokens, so the batch stops for a prompt only when nothing else runs. The
+# tokens, once again, are the same.
+
+# %%
+chunked = run_policy(PolicyConfig("fused", slots=16, prefill="chunked", chunk_tokens=32), make_backend, trace,
+                     clock=VirtualClock(STEP_S, PREFILL_S))  # fmt: skip
+assert {r.id: r.tokens for r in chunked.results} == truth
+prefill_only = {name: sum(s.prefill_rows == s.rows for s in run.stats.steps)
+                for name, run in (("alone", virtual["fused"]), ("chunked", chunked))}  # fmt: skip
+print(f"steps that hold only prompt tokens, the batch waiting: {prefill_only}")
+assert prefill_only["chunked"] < prefill_only["alone"] == len(trace)
 
 # %% [markdown]
 # ## What we have
