@@ -20,7 +20,8 @@
 # much as a request, and Flover's **memory shuffle**, which moves the fewest
 # slots needed to close the holes. We check that the shuffle's plan is
 # minimal by brute force, that moving a slot changes no logit, and how many
-# slot computations it saves on a trace.
+# rows it saves on a trace; then the other answer, paged KV blocks, where
+# nothing moves.
 
 # %% [markdown]
 # The helpers of lesson 2: `OUT`, `show(fig, name)` and `show_file(path)`
@@ -48,12 +49,12 @@ from _display import show  # tutorials/_display.py
 # holds a request in flight (an *active* slot). A fused decode step has to
 # address every active slot. A kernel that runs over a **window**, one
 # contiguous range of slots, is the simple and fast way to do it on a GPU: a
-# base pointer and a count. `flover.shuffle.window(active)` is that range,
-# `(first, last + 1)` of the active slots. A free slot inside the window is
-# a **hole**: it is computed like a request, for nothing.
-# `flover.shuffle.has_hole(active)` tells whether there is one.
+# base pointer and a count. `flover.engine.shuffle.window(active)` is that
+# range, `(first, last + 1)` of the active slots. A free slot inside the
+# window is a **hole**: it is computed like a request, for nothing.
+# `flover.engine.shuffle.has_hole(active)` tells whether there is one.
 # %%
-from flover.shuffle import best_window, choose_slot, has_hole, shuffle_plan, window
+from flover.engine.shuffle import best_window, choose_slot, has_hole, shuffle_plan, window
 
 active = [True, False, False, True, True, False, True, True, False, False, True, False]
 first, last = window(active)
@@ -65,9 +66,9 @@ assert not has_hole([False, True, True, True, False])
 # Holes appear when a request in the middle of the window finishes before its
 # neighbours; requests finish whenever their output is done, so with varied
 # output lengths that happens all the time. The engine fills holes when it
-# can: `flover.shuffle.choose_slot(active)` gives a newcomer the first hole
-# inside the window, else the slot just after the window, else the one just
-# before it. But when no one arrives, holes stay.
+# can: `flover.engine.shuffle.choose_slot(active)` gives a newcomer the first
+# hole inside the window, else the slot just after the window, else the one
+# just before it. But when no one arrives, holes stay.
 
 # %%
 assert choose_slot(active) == 1, "a newcomer fills the first hole"
@@ -81,10 +82,10 @@ assert choose_slot([False, True, True]) == 0, "the window reaches the end: the s
 #
 # 1. slide a window of length k over the slots and pick the position where it
 #    holds the most active slots (the leftmost on ties):
-#    `flover.shuffle.best_window(active)` returns its start;
+#    `flover.engine.shuffle.best_window(active)` returns its start;
 # 2. move every active slot outside that window into a hole inside it, holes
-#    filled left to right: `flover.shuffle.shuffle_plan(active)` returns those
-#    moves as (source, destination) pairs.
+#    filled left to right: `flover.engine.shuffle.shuffle_plan(active)`
+#    returns those moves as (source, destination) pairs.
 #
 # After the moves the active slots are exactly the chosen window: contiguous.
 # In our map the best window is slots 2..7, which already holds 4 of the 6
@@ -197,11 +198,14 @@ print(f"shuffle_plan uses the fewest moves on all {checked} slot maps of 1 to 8 
 # ## Moving a slot moves a request
 #
 # A move must carry everything that belongs to the request: the K and V of
-# every layer (and, in the engine, its position and its sampler, which the
-# engine keeps in its record of the request and moves along with the slot). `backend.move_slots(src, dst, lengths)`
-# copies the first `lengths[i]` positions of slot `src[i]` into slot
-# `dst[i]`, in every layer; it costs `2 * n_layer * n_head * head_dim * 4`
-# bytes per position.
+# every layer (and its position and its sampler, which the engine keeps in
+# the request's own record, a `RequestState`, so only the layout's note of
+# where the request lives changes). `backend.move(src, dst, lengths)`, the
+# second method of lesson 2's `Backend` protocol, copies the first
+# `lengths[i]` positions of block `src[i]` into block `dst[i]`, in every
+# layer; here a block is a slot (`backend.move_slots` says the same for the
+# slot layout). It costs `2 * n_layer * n_head * head_dim * 4` bytes per
+# position.
 #
 # The test of a correct move: decode the requests before and after the
 # shuffle and compare. Fill the active slots of our map with prompts of
@@ -233,7 +237,7 @@ def step(slots: list[int], owner: dict[int, int]) -> dict[int, np.ndarray]:
 first, last = window(active)
 before = step([s for s in range(first, last) if active[s]], {s: s for s in length})
 src, dst = np.array([s for s, _ in plan]), np.array([d for _, d in plan])
-backend.move_slots(src, dst, np.array([length[s] for s in src]))
+backend.move(src, dst, np.array([length[s] for s in src]))
 owner = {s: s for s in length if s not in src} | {int(d): int(s) for s, d in plan}
 first, last = window(after)
 after_logits = step(list(range(first, last)), owner)
@@ -246,13 +250,22 @@ print(f"{len(plan)} moves copied {moved} positions, {moved * per_position / 1e3:
 # %% [markdown]
 # ## What the shuffle saves on a trace
 #
-# `flover.engine.FusionEngine(backend, clock, shuffle)` is the fused policy
-# itself (`run_policy` with `PolicyConfig("fused")` builds one). With
-# `shuffle=False` it keeps its holes and computes over them, as a fused
-# kernel over the whole window would; with `shuffle=True` it runs the
-# shuffle whenever a step leaves a hole. `engine.run(requests)` serves a
-# trace, and `engine.stats` records every step (`batch`: requests served,
-# `width`: slots computed) and the number of slot `moves`.
+# The fused policy of lesson 3 is the engine loop, `flover.engine.Engine`,
+# run with three parts: a scheduler (`FusedScheduler()`: each newcomer's
+# prompt alone, then one fused step for everyone), a clock, and a **KV
+# layout**, which decides where each request lives and what moves.
+# `SlotLayout(config, n_slots, shuffle)` is Flover's. With `shuffle=True`
+# it gives each newcomer `choose_slot`'s slot and, after every step that
+# leaves a hole, returns `shuffle_plan`'s moves, which the engine hands to
+# `backend.move`. With `shuffle=False` it keeps its holes, and a hole is
+# still computed, as a fused kernel over the contiguous window computes it:
+# the layout adds to every decode step, for each hole, the departed
+# request's last lane again (its last token, attending over its last
+# length). So a hole costs exactly what it cost that request to be in the
+# batch. `engine.run(requests)` serves a trace, and `engine.stats` records
+# every step (`batch`: requests served, `rows`: rows computed, of which
+# `idle_rows` for no one, and `prefill_rows` for prompts) and the number of
+# slot `moves`.
 #
 # Serve one Poisson trace with widely varying output lengths both ways,
 # under the virtual clock of lesson 3 so the two runs make the same
@@ -260,49 +273,53 @@ print(f"{len(plan)} moves copied {moved} positions, {moved * per_position / 1e3:
 
 # %%
 from flover.clock import VirtualClock
-from flover.engine import FusionEngine
+from flover.engine import Engine, FusedScheduler, SlotLayout
 from flover.trace import poisson_trace
 
 trace = poisson_trace(150.0, 48, prompt_len=(4, 16), output_len=(1, 96), seed=1, vocab_size=config.vocab_size)
 engines, tokens = {}, {}
 for shuffle in (False, True):
-    engines[shuffle] = FusionEngine(NumpyBackend(config, weights, 16), clock=VirtualClock(0.001, 0.002), shuffle=shuffle)
+    engines[shuffle] = Engine(NumpyBackend(config, weights, 16), FusedScheduler(), SlotLayout(config, 16, shuffle),
+                              VirtualClock(0.001, 0.002))  # fmt: skip
     tokens[shuffle] = {r.id: r.tokens for r in engines[shuffle].run(trace)}
 assert tokens[True] == tokens[False], "the shuffle changes no token"
 
-computed = {s: sum(step.width for step in e.stats.steps) for s, e in engines.items()}
-served = {s: sum(step.batch for step in e.stats.steps) for s, e in engines.items()}
+decode_steps = {s: [step for step in e.stats.steps if step.prefill_rows == 0] for s, e in engines.items()}
+computed = {s: sum(step.rows for step in steps) for s, steps in decode_steps.items()}
+served = {s: sum(step.batch for step in steps) for s, steps in decode_steps.items()}
 for s, e in engines.items():
-    print(f"shuffle={s!s:5}: {len(e.stats.steps)} steps, {served[s]} tokens decoded, {computed[s]} slots computed, "
-          f"{e.stats.moves} moves")  # fmt: skip
+    print(f"shuffle={s!s:5}: {len(decode_steps[s])} decode steps, {served[s]} tokens decoded, {computed[s]} rows "
+          f"computed, {e.stats.moves} moves")  # fmt: skip
 assert served[True] == served[False]
-assert all(step.width == step.batch for step in engines[True].stats.steps), "with the shuffle there is never a hole"
+assert all(step.idle_rows == 0 for step in engines[True].stats.steps), "with the shuffle there is never a hole"
 assert computed[True] == served[True] < computed[False]
-print(f"without the shuffle {1 - served[False] / computed[False]:.0%} of the slot computations were holes")
+assert computed[False] - served[False] == sum(step.idle_rows for step in decode_steps[False])
+print(f"without the shuffle {1 - served[False] / computed[False]:.0%} of the rows computed were holes")
 
 # %%
 fig, axes = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
 for ax, shuffle in zip(axes, (False, True)):
-    steps = engines[shuffle].stats.steps
-    ax.step(range(len(steps)), [s.width for s in steps], where="post", color="#e15759", label="slots computed (width)")
+    steps = decode_steps[shuffle]
+    ax.step(range(len(steps)), [s.rows for s in steps], where="post", color="#e15759", label="rows computed")
     ax.step(range(len(steps)), [s.batch for s in steps], where="post", color="#4e79a7", label="requests served (batch)")
-    ax.set_title(f"shuffle={shuffle}: {computed[shuffle]} slots computed, {engines[shuffle].stats.moves} moves")
-    ax.set_ylabel("per step")
+    ax.set_title(f"shuffle={shuffle}: {computed[shuffle]} rows computed, {engines[shuffle].stats.moves} moves")
+    ax.set_ylabel("per decode step")
 axes[0].legend(fontsize=8)
 axes[1].set_xlabel("decode step")
-show(fig, "04_width_vs_batch.png")
+show(fig, "04_rows_vs_batch.png")
 
 # %% [markdown]
 # ## What a hole costs in time
 #
 # A computed hole costs what one more request in the step costs. Measure the
-# time of a decode step against its width (fastest of a few tries, as in
-# lesson 3) and fit a straight line, a + b * width: b is the price of one
-# slot, and the hole computations above cost about b times their number.
-# On a GPU, where Flover ran, the gap is larger (it measured 1.29x to 1.93x
-# from shuffling on variable-length workloads); on this small CPU model the
-# fixed cost a of a step dominates. A shuffle is paid in copies: `moves`
-# slot copies of a few kilobytes each.
+# time of a decode step against its width, the slots it computes (fastest of
+# a few tries, as in lesson 3), and fit a straight line, a + b * width: b is
+# the price of one slot, and the idle rows above cost about b times their
+# number. On a GPU, where Flover ran, the gap is larger (it measured 1.29x
+# to 1.93x from shuffling on variable-length workloads); on this small CPU
+# model the fixed cost a of a step dominates. A shuffle is paid in copies:
+# each of its `moves` copies a request's cached positions, at the bytes per
+# position computed above.
 
 # %%
 import time
@@ -323,7 +340,7 @@ cost = np.array([step_ms(probe, int(w)) for w in widths])
 b, a = np.polyfit(widths, cost, 1)
 print(
     f"decode step = {a:.3f} ms + {b:.4f} ms per slot; the holes cost about "
-    f"{b * (computed[False] - served[False]):.1f} ms of {a * len(engines[False].stats.steps) + b * computed[False]:.1f} ms"
+    f"{b * (computed[False] - served[False]):.1f} ms of {a * len(decode_steps[False]) + b * computed[False]:.1f} ms"
 )
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.plot(widths, cost, "o", label="measured")
@@ -334,6 +351,40 @@ show(fig, "04_step_cost_by_width.png")
 assert b > 0, "a wider step costs more"
 
 # %% [markdown]
+# ## The other layout: paged blocks, where nothing moves
+#
+# Holes and shuffles come from one choice: a request owns one contiguous
+# slot, and a step runs over a contiguous window of them. vLLM chose the
+# other way (*PagedAttention*): KV memory is a pool of small **blocks** of
+# `block_size` positions, a request gets blocks from the pool as it grows,
+# and each lane of a step carries its request's **block table**, the list
+# of its blocks, wherever they lie (lesson 2's `Lane.blocks`). The
+# attention kernel reads through that table, so there is no window: nothing
+# idle is computed and nothing ever moves. A request also holds only the
+# blocks its tokens fill, not a whole context, so the same memory fits more
+# requests; the price is an indirection in attention, and a pool that can
+# run out (the engine then *preempts* the latest request and recomputes it
+# later).
+#
+# `PagedLayout(config, n_blocks, block_size)` is that layout. Given the
+# memory of the 16 slots above, the same trace gets the same tokens, with
+# no idle row, no move, and a fraction of the memory held.
+
+# %%
+from flover.engine import PagedLayout
+
+block_size = 16
+paged_layout = PagedLayout(config, 16 * config.n_ctx // block_size, block_size)
+paged = Engine(NumpyBackend(config, weights, paged_layout.shape), FusedScheduler(), paged_layout,
+               VirtualClock(0.001, 0.002))  # fmt: skip
+assert {r.id: r.tokens for r in paged.run(trace)} == tokens[True], "paged blocks change no token either"
+assert paged.stats.moves == 0 and sum(step.idle_rows for step in paged.stats.steps) == 0
+peak = {"slots": engines[True].stats.peak_kv_bytes, "paged": paged.stats.peak_kv_bytes}
+print(f"peak KV memory held: {peak['slots'] / 1e6:.1f} MB in slots, {peak['paged'] / 1e6:.1f} MB in blocks of "
+      f"{block_size}; {paged.stats.preemptions} preemptions")  # fmt: skip
+assert peak["paged"] < peak["slots"]
+
+# %% [markdown]
 # ## What we have
 #
 # - The fused step computes a **window** of slots; a finished request in the
@@ -341,6 +392,9 @@ assert b > 0, "a wider step costs more"
 # - `shuffle_plan` moves each active slot outside the best window into a hole
 #   inside it: the fewest moves possible (checked by brute force on every map
 #   of up to 8 slots), and the moves change no logit.
+# - Paged KV blocks (vLLM) avoid the window altogether: each lane reads its
+#   own block table, so nothing idle is computed and nothing moves, and a
+#   request holds only the blocks it fills.
 # - All of this relies on one fact used without proof so far: a request's
 #   logits do not depend on which other rows share its decode step. Lesson 5
 #   shows why that is not automatic, and how flover makes it hold bit for bit.
