@@ -18,9 +18,9 @@
 # serial decoding, and lesson 4 that moving a request to another slot and
 # another row of the batch changes *no logit, bit for bit*. Neither is
 # automatic. This lesson shows why batching normally changes floating-point
-# results, and how flover's decode kernels make a request's logits
-# independent of the batch it shares, so that fused decoding equals serial
-# decoding exactly.
+# results, and how flover's kernels make a request's logits independent of
+# the batch it shares, so that fused decoding equals serial decoding
+# exactly.
 
 # %% [markdown]
 # The helpers of lesson 1 (`OUT`, `show`, `show_file`). This lesson leaves
@@ -144,8 +144,8 @@ assert not np.array_equal(solo, batched)
 # %% [markdown]
 # ## The fix: a reduction order fixed by the row alone
 #
-# flover's default decode path (`invariant=True`) runs on the kernels of
-# `reference.invariant`, written as plain Python loops and compiled to
+# flover's default path (`invariant=True`), for prefills and decode steps
+# alike, runs on the kernels of `reference.invariant`, written as plain Python loops and compiled to
 # machine code by Numba. Their rule: every number a
 # request gets is computed by a loop whose order depends only on that
 # request's own sizes (K, n_embd, its own length), never on the batch.
@@ -179,13 +179,20 @@ print(f"matmul_rows: bitwise the same alone, shuffled, and with 1 or {threads} t
 assert np.allclose(full, x @ w, rtol=1e-4, atol=1e-3), "and it is the same product, to rounding"
 
 # %% [markdown]
-# The other operations of a decode step that look at more than one number
-# follow the same rule. `layer_norm_rows` and `gelu_rows` work row by row
-# with sums in ascending order. `decode_attention(q, k_cache, v_cache,
-# slots, lengths)` gives each request its own softmax over exactly its own
+# The other operations of a step that look at more than one number follow
+# the same rule. `layer_norm_rows` and `gelu_rows` work row by row with sums
+# in ascending order. `decode_attention(q, k_cache, v_cache, slots,
+# lengths)` gives each request its own softmax over exactly its own
 # `lengths[b]` positions of its own slot: no padding to the longest request,
 # whose extra zeros would shift the rounding (and whatever lies past a
 # request's length cannot matter, as the noise below shows).
+#
+# `decode_attention` is the slot layout's name for the general kernel,
+# `attention_rows(q, k_cache, v_cache, block_table, lane, lengths)`: row r
+# belongs to lane `lane[r]` and reads its positions through that lane's
+# block table, whatever the blocks' size and wherever they lie (lesson 4's
+# paged blocks). Cut the same keys and values into blocks of 16 positions,
+# scatter the blocks over the pool, and every row still gets the same bits.
 
 # %%
 rows = rng.standard_normal((6, config.n_embd)).astype(np.float32)
@@ -209,16 +216,30 @@ for s, n in zip(slots, lengths):
 assert np.array_equal(invariant.decode_attention(q, noisy_k, noisy_v, slots, lengths), out)
 print("layer_norm_rows, gelu_rows and decode_attention: every row bitwise the same alone and in a batch")
 
+per_slot = n_ctx // 16  # blocks of 16 positions in a slot
+place = rng.permutation(n_slots * per_slot)  # block j of slot s goes to place[s * per_slot + j] in the pool
+k_blocks, v_blocks = np.empty((2, n_slots * per_slot, H, 16, D), np.float32)
+k_blocks[place] = k_cache.reshape(n_slots, H, per_slot, 16, D).transpose(0, 2, 1, 3, 4).reshape(-1, H, 16, D)
+v_blocks[place] = v_cache.reshape(n_slots, H, per_slot, 16, D).transpose(0, 2, 1, 3, 4).reshape(-1, H, 16, D)
+block_table = place.reshape(n_slots, per_slot)[slots]  # [3 lanes, 4 blocks]
+assert np.array_equal(invariant.attention_rows(q, k_blocks, v_blocks, block_table, np.arange(3), lengths), out)
+print("attention_rows over scattered blocks of 16: bitwise the rows of decode_attention over slots")
+
 solo, batched = decode_alone_and_in_batch(NumpyBackend(config, weights, 8))  # invariant=True, the default
 assert np.array_equal(solo, batched)
 print("invariant decode: a request's logits are bitwise the same alone and in a batch of 8")
 
 # %% [markdown]
-# What about the prefill? It runs a single request: many rows (the prompt's
-# tokens) but always one request, in every policy alike. No other request
-# can change its rounding, so it needs no special kernel; `NumpyBackend`
-# gives it the invariant ones all the same, because on a CPU they are faster
-# than BLAS at these shapes.
+# What about the prefill? Alone in its step, a prompt has no other request
+# to change its rounding. But the engine does not always run it alone: with
+# chunked prefill (lesson 3) a prompt is cut into chunks that share steps
+# with other requests' decode rows, and how it is cut depends on the
+# schedule (the chunk size, the decodes in the same step, a recomputation
+# after a preemption). So the prefill runs on the same kernels: a prompt
+# row's result depends only on its token, its position and the keys and
+# values before it, and a prompt fed at once, in chunks, or token by token
+# gives the same bits (lesson 2 checked it). On a CPU these kernels are also
+# faster than BLAS at these shapes.
 #
 # The price of the invariant kernels is speed: BLAS is tuned to the last
 # cycle, the invariant kernels are simple loops. `benchmarks/RESULTS.md`
@@ -228,8 +249,9 @@ print("invariant decode: a request's logits are bitwise the same alone and in a 
 #
 # `run_policy(..., keep_logits=True)` keeps, for every request, the logits
 # of every token it was given (`result.logits`, one [V] array per token).
-# Serve a trace serially and fused under the virtual clock of lesson 3, and
-# compare every array of every request exactly. Half the requests sample
+# Serve a trace serially and fused under the virtual clock of lesson 3, each
+# prompt alone and in chunks of 8 tokens beside the decodes, and compare
+# every array of every request exactly. Half the requests sample
 # (temperature 0.8, top-k 40) with their own seeds: since each `Sampler`
 # draws once per token from its own generator (lesson 2), their tokens are
 # schedule-independent too.
@@ -242,26 +264,30 @@ from flover.runner import PolicyConfig, run_policy
 from flover.trace import poisson_trace
 
 trace = poisson_trace(300.0, 10, prompt_len=(4, 16), output_len=(4, 24), seed=2, vocab_size=config.vocab_size)
-trace = [replace(r, temperature=0.8, top_k=40) if r.id % 2 else r for r in trace]
+trace = [replace(r, sampling=replace(r.sampling, temperature=0.8, top_k=40)) if r.id % 2 else r for r in trace]
 
 
-def logits_match(make_backend) -> tuple[int, int, bool]:
+def logits_match(make_backend, fused: PolicyConfig) -> tuple[int, int, bool]:
     """(logit arrays compared, how many are bitwise equal, whether all tokens are equal): fused vs serial."""
     serial = run_policy(PolicyConfig("serial"), make_backend, trace, clock=VirtualClock(), keep_logits=True)
-    fused = run_policy(PolicyConfig("fused", slots=4), make_backend, trace, clock=VirtualClock(), keep_logits=True)
-    assert fused.metrics["mean_batch"] > 2, "the fused run really batched requests together"
+    run = run_policy(fused, make_backend, trace, clock=VirtualClock(), keep_logits=True)
+    assert run.metrics["mean_batch"] > 2, "the fused run really batched requests together"
+    if fused.prefill == "chunked":
+        assert any(0 < step.prefill_rows < step.rows for step in run.stats.steps), "prompt chunks beside decodes"
     truth = {r.id: r for r in serial.results}
-    pairs = [(got, want) for r in fused.results for got, want in zip(r.logits, truth[r.id].logits, strict=True)]
-    same_tokens = all(r.tokens == truth[r.id].tokens for r in fused.results)
+    pairs = [(got, want) for r in run.results for got, want in zip(r.logits, truth[r.id].logits, strict=True)]
+    same_tokens = all(r.tokens == truth[r.id].tokens for r in run.results)
     return len(pairs), sum(np.array_equal(got, want) for got, want in pairs), same_tokens
 
 
-n, equal, same_tokens = logits_match(lambda n_slots: NumpyBackend(config, weights, n_slots))
-print(f"invariant kernels: {equal} of {n} logit arrays bitwise equal, same tokens: {same_tokens}")
-assert equal == n and same_tokens
+ALONE, CHUNKED = PolicyConfig("fused", slots=4), PolicyConfig("fused", slots=4, prefill="chunked", chunk_tokens=8)
+for fused in (ALONE, CHUNKED):
+    n, equal, same_tokens = logits_match(lambda kv: NumpyBackend(config, weights, kv), fused)
+    print(f"invariant kernels, {fused.label}: {equal} of {n} logit arrays bitwise equal, same tokens: {same_tokens}")
+    assert equal == n and same_tokens
 
-n_blas, equal_blas, _ = logits_match(lambda n_slots: NumpyBackend(config, weights, n_slots, invariant=False))
-print(f"BLAS decode:       {equal_blas} of {n_blas} logit arrays bitwise equal")
+n_blas, equal_blas, _ = logits_match(lambda kv: NumpyBackend(config, weights, kv, invariant=False), ALONE)
+print(f"BLAS, {ALONE.label}: {equal_blas} of {n_blas} logit arrays bitwise equal")
 assert equal_blas < n_blas
 
 # %% [markdown]
@@ -269,8 +295,9 @@ assert equal_blas < n_blas
 #
 # - Floating-point sums depend on their order, and BLAS picks the order by
 #   the shape of the batch, so batching normally changes a request's logits.
-# - flover's decode kernels fix each sum's order by the request's own sizes;
-#   the batch is only an outer loop. A request's logits are then the same bit
+# - flover's kernels, in prefills and decode steps alike, fix each sum's
+#   order by the request's own sizes; the batch is only an outer loop, and
+#   a request's keys and values may lie in any blocks. A request's logits are then the same bit
 #   for bit whoever shares its step, which is why every policy, and the
 #   memory shuffle, can be tested for *exact* equality with serial decoding.
 # - `tests/test_batch_invariance.py` and `tests/test_fusion_properties.py`
