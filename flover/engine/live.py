@@ -8,15 +8,23 @@ the next iteration and frees its memory. Tokens and results come back
 through the engine's ``on_token`` and ``on_finish`` callbacks, called on the
 engine's thread. The numerics never leave that thread, so what a client
 receives is bitwise what ``Engine.run`` computes.
+
+A live engine may run for weeks, so it keeps no history: after each
+iteration the steps it ran go to ``on_steps`` (a server's metrics) and the
+results already handed to ``on_finish`` are dropped. If the loop fails,
+``on_error`` hears of it (a server answers its open requests), and
+``error`` keeps the exception.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 
 from flover.engine.loop import Engine
+from flover.engine.records import Step
 from flover.engine.request import Request
 
 IDLE_POLL_S = 0.05  # how long an idle loop sleeps before it checks for a stop
@@ -37,6 +45,8 @@ class LiveEngine:
         self.inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.error: BaseException | None = None
+        self.on_steps: Callable[[list[Step]], None] | None = None  # called on the engine's thread
+        self.on_error: Callable[[BaseException], None] | None = None
         self._lock = threading.Lock()  # submit's bound check and enqueue are one step
         self._thread = threading.Thread(target=self._loop, name="flover-engine", daemon=True)
 
@@ -82,6 +92,7 @@ class LiveEngine:
                     arrived.append(self.inbox.get())
                 now = engine.clock.now()
                 ran, arrived = engine.iterate(arrived, now), []
+                self._forget(engine)
                 if ran:
                     continue
                 wake = engine.wake_at(now)
@@ -92,4 +103,13 @@ class LiveEngine:
                     pass
         except BaseException as error:  # reported to submitters; the server answers 500 and stays up
             self.error = error
+            if self.on_error is not None:
+                self.on_error(error)
             raise
+
+    def _forget(self, engine: Engine) -> None:
+        """Hand the iteration's steps to ``on_steps`` and drop them and the handed-back results."""
+        steps, engine.stats.steps = engine.stats.steps, []
+        if self.on_steps is not None and steps:
+            self.on_steps(steps)
+        engine.done.clear()
