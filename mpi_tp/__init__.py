@@ -3,7 +3,7 @@
     mpiexec -n 2 python -m mpi4py my_script.py       # every rank runs the script
 
     from mpi_tp import launch
-    backend = launch(config, weights, n_slots)       # ranks 1..N-1 serve inside this call
+    backend = launch(config, weights, n_slots)       # ranks 1..N-1 serve inside this call; or a KVShape
     if backend is not None:                          # rank 0: an ordinary Backend
         ...engine or reference.generate(backend, ...)...
         backend.close()
@@ -28,8 +28,8 @@ MPICH's ``MPIR_CVAR_POLLS_BEFORE_YIELD`` makes a waiting rank yield its core.
 
 Files: ``shard.py`` (which rows and columns each rank keeps), ``comm.py`` (the
 broadcasts, the reduction after each RowParallelLinear, the gather of logits),
-``model.py`` (one rank's forward), ``backend.py`` (rank 0's Backend and the
-other ranks' loop).
+``model.py`` (one rank's ragged step), ``backend.py`` (rank 0's Backend, the
+STEP and MOVE commands, and the other ranks' loop).
 
 Embedding and LM head: vocabulary-parallel (the default). GPT-2's tied [V, C]
 table is the largest single weight: about 15% of the weights a gpt2-medium
@@ -45,12 +45,13 @@ vocabulary-parallel 1.87x the throughput at batch 1 and 1.91x at batch 16,
 replicated 1.65x and 1.74x.
 
 The ``inner`` argument of ``launch`` picks the math on each rank: ``numpy``
-(``mpi_tp.model.NumpyShard``: the batch-invariant Numba CPU kernels for
-prefill and decode) or ``numba`` (one GPU per rank, rank r on GPU r mod the
-GPU count), which needs ``numba_kernels.TPShard``, a class with the
-constructor and methods of ``mpi_tp.model.Shard``: it receives a
-``ShardWeights`` on the host, keeps it and its KV slots on its GPU, and hands
-[n, C] host arrays to ``comm.reduce_sum`` after each RowParallelLinear.
+(``mpi_tp.model.NumpyShard``: the batch-invariant Numba CPU kernels, over
+slots or paged KV blocks) or ``numba`` (one GPU per rank, rank r on GPU r mod
+the GPU count), which needs ``numba_kernels.TPShard``, a class with the
+constructor and methods of ``mpi_tp.model.Shard`` (``step(rows)``,
+``move``): it receives a ``ShardWeights`` on the host, keeps it and its KV
+blocks on its GPU, and hands [N, C] host arrays to ``comm.reduce_sum`` after
+each RowParallelLinear.
 """
 
 import reference  # noqa: F401  (first: it sets the thread settings NumPy's BLAS reads as it loads)

@@ -37,9 +37,8 @@ from mpi4py import MPI
 class TPComm:
     """One rank's view of the world; ``seconds`` counts time in the step's MPI calls.
 
-    ``idle_seconds`` counts time a rank spends waiting for the next command
-    (its header broadcast), which is time rank 0 spent elsewhere, not
-    communication.
+    Time a rank spends waiting for the next command (its header broadcast) is
+    time rank 0 spent elsewhere, not communication, and is not counted.
     """
 
     def __init__(self, comm: MPI.Comm, deterministic: bool = True) -> None:
@@ -48,7 +47,6 @@ class TPComm:
         self.world = comm.Get_size()
         self.deterministic = deterministic
         self.seconds = 0.0
-        self.idle_seconds = 0.0
 
     def bcast(self, a: np.ndarray) -> np.ndarray:
         """Broadcast ``a`` from rank 0 into ``a`` on every rank, in place."""
@@ -58,10 +56,8 @@ class TPComm:
         return a
 
     def wait_command(self, header: np.ndarray) -> np.ndarray:
-        """The header broadcast, as seen by a rank that waits for rank 0's next command."""
-        start = time.perf_counter()
+        """The header broadcast, as seen by a rank that waits for rank 0's next command (not timed)."""
         self.comm.Bcast(header, root=0)
-        self.idle_seconds += time.perf_counter() - start
         return header
 
     def reduce_sum(self, partial: np.ndarray) -> np.ndarray:
@@ -104,8 +100,8 @@ class TPComm:
         return out
 
     def gather_seconds(self) -> np.ndarray | None:
-        """[N, 2] (communication, idle) seconds of every rank, on rank 0; None elsewhere."""
-        mine = np.array([self.seconds, self.idle_seconds], np.float64)
-        out = np.empty((self.world, 2), np.float64) if self.rank == 0 else None
+        """[N] communication seconds of every rank, on rank 0; None elsewhere."""
+        mine = np.array([self.seconds], np.float64)
+        out = np.empty(self.world, np.float64) if self.rank == 0 else None
         self.comm.Gather(mine, out, root=0)
         return out

@@ -1,17 +1,36 @@
-"""NumbaBackend: the Backend protocol of ``reference/backend.py`` over device arrays.
+"""NumbaBackend: the ragged step of ``reference/backend.py`` over device arrays.
 
-The weights are uploaded once; the KV slots live on the device; a prefill or
-a fused decode step runs from embedding to logits on the device, and only the
-logits come back to the host. Every op computes a row from that row alone,
-in an order fixed by the model's sizes and the request's own length (see the
-kernels' headers), so a request's logits are bitwise the same whatever shares
-its step, and a drop-in for ``reference.NumpyBackend`` in fused decoding.
+The weights are uploaded once; the KV slots live on the device; a step (any
+mix of prefill chunks and decode tokens, see ``reference.lanes``) runs from
+embedding to logits on the device, and only the logits of each lane's last
+token come back to the host. ``plan_rows`` checks the lanes first, as on
+every backend.
+
+KV layout: Flover's slots only, one block of n_ctx positions per request
+(``KVShape.slots``), so a lane's one block is its slot and the kernels index
+K and V as [slot, head, position, d]. Other block sizes (paged KV) are
+refused at construction; the NumPy backend reads through a block table.
+
+Order of every reduction: a GEMM output element is summed by one thread over
+k ascending, whichever variant dispatch picks; a layer norm is one block per
+row, its size fixed by n_embd; attention is one block per (row, head), its
+size fixed by n_ctx alone (``attention_threads``), scoring positions strided
+by that block size and summing V in groups fixed by it and head_dim. Nothing
+depends on the rows of the launch or the longest lane. So a row's result is a
+function of its own token, position and cached K and V: a lane's logits do
+not depend on the other lanes of its step, a prompt prefilled in chunks of
+any size gives bitwise the logits of the whole prompt at once, and the last
+position's logits equal feeding the prompt one token at a time
+(``tests/test_backend_contract.py``). They equal the NumPy backend's only to
+rounding: the sums run in other orders (and the simulator's ``cuda.fma``
+rounds twice).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 from numba import cuda
@@ -21,8 +40,10 @@ from numba_kernels.attention import attention, store_kv
 from numba_kernels.device import require_cuda, simulated
 from numba_kernels.dispatch import Dispatch
 from numba_kernels.shuffle import move_slots
+from reference.backend import LaneBackend
 from reference.config import GPTConfig
-from reference.kv import KVSlots
+from reference.kv import KVShape, as_kv_shape
+from reference.lanes import Lane, plan_rows
 from reference.weights import Block, GPT2Weights, LayerNorm, Linear
 
 SIMULATOR_LOCK = threading.Lock()  # the simulator runs one kernel at a time, whatever the thread
@@ -47,115 +68,90 @@ def weights_to_device(weights: GPT2Weights) -> tuple[GPT2Weights, Linear]:
 
 
 class Workspace:
-    """Activation buffers for up to ``rows`` rows (a prompt or a batch); a step uses views [:n]."""
+    """Activation buffers for up to ``rows`` rows and ``lanes`` lanes; a step uses views [:N] and [:L]."""
 
-    def __init__(self, config: GPTConfig, rows: int, n_slots: int) -> None:
+    def __init__(self, config: GPTConfig, rows: int, lanes: int) -> None:
         c, f32 = config.n_embd, np.float32
+        self.rows = rows
         self.x = cuda.device_array((rows, c), f32)  # the residual stream
         self.h = cuda.device_array((rows, c), f32)  # layer-norm output
         self.qkv = cuda.device_array((rows, 3 * c), f32)
         self.a = cuda.device_array((rows, c), f32)  # attention output, heads merged
         self.y = cuda.device_array((rows, c), f32)  # a projection, before the residual add
         self.f = cuda.device_array((rows, config.d_mlp), f32)  # MLP hidden
-        self.logits = cuda.device_array((n_slots, config.vocab_size), f32)
+        self.last = cuda.device_array((lanes, c), f32)  # each lane's last row
+        self.logits = cuda.device_array((lanes, config.vocab_size), f32)
 
 
-class NumbaBackend:
+class NumbaBackend(LaneBackend):
     """GPT-2 with Numba CUDA kernels: weights uploaded once, K and V in device slots."""
 
-    def __init__(self, config: GPTConfig, weights: GPT2Weights, n_slots: int = 1, dispatch: Dispatch | None = None):
+    def __init__(self, config: GPTConfig, weights: GPT2Weights, n_slots: int | KVShape = 1,
+                 dispatch: Dispatch | None = None) -> None:  # fmt: skip
         require_cuda()
-        if n_slots < 1:
-            raise ValueError(f"the KV cache needs at least 1 slot, got {n_slots}")
+        self.kv = as_kv_shape(config, n_slots)
+        if self.kv.block_size != config.n_ctx:
+            raise ValueError(f"NumbaBackend keeps KV in slots of n_ctx {config.n_ctx} positions, got blocks of "
+                             f"{self.kv.block_size}; use the numpy backend for paged KV")  # fmt: skip
         self.config = config
         self.weights = weights
-        self.n_slots = n_slots
         self.dispatch = dispatch or Dispatch()
         self.device_weights, self.head = weights_to_device(weights)
-        shape = (config.n_layer, n_slots, config.n_head, config.n_ctx, config.head_dim)
+        shape = (config.n_layer, self.kv.n_blocks, config.n_head, config.n_ctx, config.head_dim)
         self.k = cuda.device_array(shape, np.float32)  # positions past a slot's length are never read
         self.v = cuda.device_array(shape, np.float32)
-        self.slot_lengths = cuda.to_device(np.zeros(n_slots, np.int32))  # per-slot state: positions cached
-        self.work = Workspace(config, max(n_slots, config.n_ctx), n_slots)
+        self.slot_lengths = cuda.to_device(np.zeros(self.kv.n_blocks, np.int32))  # per-slot state: positions cached
+        self.work = Workspace(config, max(self.kv.n_blocks, config.n_ctx), self.kv.n_blocks)  # lanes <= slots
         self._serial = SIMULATOR_LOCK if simulated() else contextlib.nullcontext()  # instances run in threads
 
     # ------------------------------------------------------------ the protocol
 
-    def prefill(self, slot: int, tokens: np.ndarray) -> np.ndarray:
-        """Run one prompt into ``slot``; -> logits of its last position [V]."""
-        tokens = np.asarray(tokens, np.int64)
-        n = len(tokens)
-        self._check_slots(np.array([slot]))
-        if not 1 <= n <= self.config.n_ctx:
-            raise ValueError(f"a prompt needs 1..{self.config.n_ctx} tokens (n_ctx), got {n}")
-        positions = np.arange(n)
+    def step(self, lanes: Sequence[Lane]) -> np.ndarray:
+        """One ragged step; -> [L, V] logits of each lane's last token."""
+        rows = plan_rows(self.config, self.kv, lanes)
+        n, n_lanes = len(rows.tokens), len(rows.last)
+        ints = np.concatenate([rows.tokens, rows.positions, rows.blocks, rows.lengths, rows.last]).astype(np.int32)
         with self._serial:
-            x = self._layers(tokens, positions, np.full(n, slot), positions + 1)
-            return self._logits(x[n - 1 : n])[0]
+            if n > self.work.rows:  # a step of several long prefill chunks
+                self.work = Workspace(self.config, n, self.kv.n_blocks)
+            ints = cuda.to_device(ints)  # [4N + L]: one copy
+            tokens, positions, slots, lengths = (ints[i * n : (i + 1) * n] for i in range(4))
+            x = self._layers(tokens, positions, slots, lengths)  # [N, C]
+            return self._logits(ew.take_rows(x, ints[4 * n :], self.work.last[:n_lanes]))
 
-    def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One fused step: token b at positions[b] of slot slots[b]; -> [B, V] logits."""
-        slots, tokens, positions = (np.asarray(a, np.int64).reshape(-1) for a in (slots, tokens, positions))
-        if not len(slots) == len(tokens) == len(positions):
-            raise ValueError(f"decode needs one token and position per slot, got {len(slots)}, {len(tokens)}, "
-                             f"{len(positions)}")  # fmt: skip
-        if len(slots) == 0:
-            return np.zeros((0, self.config.vocab_size), np.float32)
-        self._check_slots(slots)
-        if len(set(slots.tolist())) != len(slots):
-            raise ValueError(f"a decode step takes each slot once, got slots {slots.tolist()}")
-        if positions.min() < 0 or positions.max() >= self.config.n_ctx:
-            raise ValueError(f"positions must be in 0..{self.config.n_ctx - 1} (n_ctx), got {positions.tolist()}")
-        with self._serial:
-            return self._logits(self._layers(tokens, positions, slots, positions + 1))
-
-    def move_slots(self, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray | None = None) -> None:
-        """The memory shuffle: copy the first lengths[i] positions (all, if None) of src[i] into dst[i]."""
-        src = np.asarray(src, np.int64)
-        lengths = np.full(src.shape, self.config.n_ctx) if lengths is None else lengths
+    def move(self, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray) -> None:
+        """The memory shuffle: copy the first lengths[i] positions of slot src[i] into slot dst[i]."""
+        src, dst, lengths = (np.asarray(a, np.int64) for a in (src, dst, lengths))
+        self.check_move(src, dst, lengths)
         with self._serial:
             move_slots(self.k, self.v, self.slot_lengths, src, dst, lengths)
 
     # ------------------------------------------------------------ on the device
 
     def _layers(self, tokens, positions, slots, lengths):
-        """The transformer over n rows, storing each row's K and V in its slot: -> x [n, C] on the device."""
-        n, cfg, dw, gemm = len(tokens), self.config, self.device_weights, self.dispatch.gemm
-        if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
-            raise ValueError(f"token ids must be in 0..{cfg.vocab_size - 1}, got {tokens.tolist()}")
-        rows = cuda.to_device(np.stack([tokens, positions, slots, lengths]).astype(np.int32))  # [4, n]: one copy
-        tokens, positions, slots, lengths = rows[0], rows[1], rows[2], rows[3]
-        w, eps = self.work, cfg.layer_norm_epsilon
+        """The transformer over N rows, storing each row's K and V in its slot: -> x [N, C] on the device."""
+        n, dw, gemm = len(tokens), self.device_weights, self.dispatch.gemm
+        w, eps = self.work, self.config.layer_norm_epsilon
         x, h, qkv, a, y, f = w.x[:n], w.h[:n], w.qkv[:n], w.a[:n], w.y[:n], w.f[:n]
-        ew.embed(tokens, positions, dw.wte, dw.wpe, x)  # [n, C]
+        ew.embed(tokens, positions, dw.wte, dw.wpe, x)  # [N, C]
         for i, block in enumerate(dw.blocks):
-            ew.layer_norm(x, block.ln_1.g, block.ln_1.b, eps, h)  # [n, C]
-            gemm(h, block.c_attn.w, block.c_attn.b, qkv)  # [n, C] -> [n, 3C]
+            ew.layer_norm(x, block.ln_1.g, block.ln_1.b, eps, h)  # [N, C]
+            gemm(h, block.c_attn.w, block.c_attn.b, qkv)  # [N, C] -> [N, 3C]
             store_kv(qkv, self.k[i], self.v[i], slots, positions, self.slot_lengths)
-            attention(qkv, self.k[i], self.v[i], slots, lengths, a)  # [n, 3C] -> [n, C]
-            ew.residual_add(x, gemm(a, block.attn_proj.w, block.attn_proj.b, y))  # [n, C]
-            ew.layer_norm(x, block.ln_2.g, block.ln_2.b, eps, h)  # [n, C]
-            ew.gelu(gemm(h, block.c_fc.w, block.c_fc.b, f), f)  # [n, C] -> [n, 4C]
-            ew.residual_add(x, gemm(f, block.mlp_proj.w, block.mlp_proj.b, y))  # [n, 4C] -> [n, C]
+            attention(qkv, self.k[i], self.v[i], slots, lengths, a)  # [N, 3C] -> [N, C]
+            ew.residual_add(x, gemm(a, block.attn_proj.w, block.attn_proj.b, y))  # [N, C]
+            ew.layer_norm(x, block.ln_2.g, block.ln_2.b, eps, h)  # [N, C]
+            ew.gelu(gemm(h, block.c_fc.w, block.c_fc.b, f), f)  # [N, C] -> [N, 4C]
+            ew.residual_add(x, gemm(f, block.mlp_proj.w, block.mlp_proj.b, y))  # [N, 4C] -> [N, C]
         return x
 
     def _logits(self, x) -> np.ndarray:
-        """Final layer norm and LM head on the device, logits to the host: x [n, C] -> [n, V]."""
+        """Final layer norm and LM head on the device, logits to the host: x [L, C] -> [L, V]."""
         n, dw = x.shape[0], self.device_weights
         h = ew.layer_norm(x, dw.ln_f.g, dw.ln_f.b, self.config.layer_norm_epsilon, self.work.h[:n])
         return self.dispatch.gemm(h, self.head.w, self.head.b, self.work.logits[:n]).copy_to_host()
 
-    def _check_slots(self, slots: np.ndarray) -> None:
-        if slots.min() < 0 or slots.max() >= self.n_slots:
-            raise ValueError(f"slot out of range 0..{self.n_slots - 1}: {slots.tolist()}")
-
     # ------------------------------------------------------------ for tests and tools
-
-    def kv_to_host(self) -> KVSlots:
-        """A host copy of the KV slots (every position, used or not)."""
-        cache = KVSlots.__new__(KVSlots)
-        cache.k, cache.v = self.k.copy_to_host(), self.v.copy_to_host()
-        return cache
 
     def cached_lengths(self) -> np.ndarray:
         """Positions cached per slot, the per-slot state the shuffle moves: [n_slots]."""

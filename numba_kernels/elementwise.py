@@ -8,6 +8,8 @@ Kernels, one version each:
 - ``gelu_kernel``: GPT-2's tanh GELU ("gelu_new"); one thread per element.
 - ``residual_add_kernel``: x += y. The biases of the linear layers are added
   in the GEMM epilogue (``gemm.py``), where they cost one read per output.
+- ``take_rows_kernel``: out[i] = x[rows[i]]: the rows whose logits a step
+  returns (each lane's last token).
 
 Row r of an output reads row r of the inputs only, so none of these can mix
 requests.
@@ -74,6 +76,15 @@ def residual_add_kernel(x, y):  # pragma: no cover - kernel
         x[r, i] += y[r, i]
 
 
+@cuda.jit
+def take_rows_kernel(x, rows, out):  # pragma: no cover - kernel
+    """x [B, C], rows [L] -> out [L, C]; grid (ceil(C / threads), L)."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    r = cuda.blockIdx.y
+    if i < x.shape[1]:
+        out[r, i] = x[rows[r], i]
+
+
 def rows_grid(x) -> tuple[tuple[int, int], int]:
     """Grid and block for one thread per element of x [B, N]: blocks along N, one grid row per row of x."""
     threads = block_threads(x.shape[1], THREADS)
@@ -105,3 +116,11 @@ def residual_add(x, y, stream=0):
         grid, threads = rows_grid(x)
         residual_add_kernel[grid, threads, stream](x, y)
     return x
+
+
+def take_rows(x, rows, out, stream=0):
+    """out[i] = x[rows[i]]: x [B, C], rows [L] on the device -> out [L, C]."""
+    if out.shape[0]:
+        grid, threads = rows_grid(out)
+        take_rows_kernel[grid, threads, stream](x, rows, out)
+    return out

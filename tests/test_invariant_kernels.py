@@ -150,3 +150,37 @@ def test_decode_attention_reads_only_its_own_positions():
     k_cache[1, :, 5:], v_cache[1, :, 5:] = np.nan, np.nan
     k_cache[[0, 2]], v_cache[[0, 2]] = np.inf, np.inf
     assert np.array_equal(invariant.decode_attention(q, k_cache, v_cache, slots, lengths), before)
+
+
+@settings(max_examples=30)
+@given(batch=attention_batches(), block_size=st.integers(1, 20), seed=SEED)
+def test_attention_rows_bitwise_equal_whatever_block_size_and_place(batch, block_size, seed):
+    """The same positions cut into blocks of any size at random places: the same bits as in slots,
+    and positions past a row's length (poisoned with NaN) are never read."""
+    q, k_cache, v_cache, slots, lengths = batch
+    in_slots = invariant.decode_attention(q, k_cache, v_cache, slots, lengths)
+    n_slots, n_head, n_ctx, head_dim = k_cache.shape
+    per = -(-n_ctx // block_size)  # blocks a slot's positions take
+    table = np.random.default_rng(seed).permutation(n_slots * per).reshape(n_slots, per)  # slot s -> its blocks
+    paged_k = np.full((n_slots * per, n_head, block_size, head_dim), np.nan, np.float32)
+    paged_v = paged_k.copy()
+    for s in range(n_slots):
+        for j, block in enumerate(table[s]):
+            used = slice(j * block_size, min((j + 1) * block_size, n_ctx))
+            paged_k[block, :, : used.stop - used.start] = k_cache[s, :, used]
+            paged_v[block, :, : used.stop - used.start] = v_cache[s, :, used]
+    for s, n in zip(slots, lengths):
+        for p in range(n, per * block_size):  # every position past the row's length
+            paged_k[table[s, p // block_size], :, p % block_size] = np.nan
+            paged_v[table[s, p // block_size], :, p % block_size] = np.nan
+    paged = invariant.attention_rows(q, paged_k, paged_v, table[slots], np.arange(len(q)), lengths)
+    assert np.array_equal(paged, in_slots)
+
+
+def test_blas_matmul_is_not_batch_invariant_here():
+    """Why the invariant kernels exist: BLAS's 1-row matmul (GEMV) sums in another order than its GEMM."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 768), dtype=np.float32)
+    w = rng.standard_normal((768, 2304), dtype=np.float32)
+    differ = np.count_nonzero((x[:1] @ w)[0] != (x @ w)[0])
+    assert differ > 0, "this BLAS happens to be batch invariant for this shape"

@@ -1,4 +1,4 @@
-"""Element-wise kernels (embedding, layer norm, GELU, residual add) against NumPy, on poisoned outputs."""
+"""Element-wise kernels (embedding, layer norm, GELU, residual add, row gather) against NumPy, on poisoned outputs."""
 
 from __future__ import annotations
 
@@ -83,3 +83,11 @@ def test_embedding_is_token_row_plus_position_row():
     ew.embed(cuda.to_device(tokens.astype(np.int32)), cuda.to_device(positions.astype(np.int32)),
              cuda.to_device(wte), cuda.to_device(wpe), out)  # fmt: skip
     assert np.array_equal(written(out), wte[tokens] + wpe[positions])
+
+
+def test_take_rows_gathers_the_named_rows():
+    x = np.random.default_rng(6).standard_normal((6, 40), dtype=np.float32)
+    rows = np.array([5, 0, 2])
+    out = poisoned((3, 40))
+    ew.take_rows(cuda.to_device(x), cuda.to_device(rows.astype(np.int32)), out)
+    assert np.array_equal(written(out), x[rows])

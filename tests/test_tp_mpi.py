@@ -55,6 +55,7 @@ def test_tp_tokens_logits_and_fused_decoding_match(n_ranks):
         assert r["world"] == n_ranks
         assert r["max_rel_logit_error"] <= 1e-5, r
         assert r["max_batch"] >= 2 and r["moves"] >= 1, f"the fused run did not fuse or shuffle: {r}"
+        assert r["ragged_prompts"] == 4 and r["ragged_steps"] >= 2, f"the paged run did not chunk: {r}"
         assert len(r["comm_seconds"]) == n_ranks and min(r["comm_seconds"]) > 0
     splits = sum(r["split_requests"] for r in reports)
     split_steps, steps = sum(r["split_steps"] for r in reports), sum(r["steps"] for r in reports)

@@ -1,18 +1,19 @@
-"""Sharding and the rank-0 backend in one process (a world of one rank, or shards side by side)."""
+"""Sharding, the STEP command's payload and the rank-0 backend in one process (a world of one rank, or shards
+side by side). What every backend keeps, TP over one rank included, is in ``tests/test_backend_contract.py``."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
 from mpi_tp import check_world, launch, shard_weights, vocab_bounds  # noqa: E402
-from mpi_tp.backend import shard_factory  # noqa: E402
-from reference import GPTConfig, NumpyBackend, init_weights, preset  # noqa: E402
+from mpi_tp.backend import payload_rows, payload_shape, rows_payload, shard_factory  # noqa: E402
+from reference import GPTConfig, KVShape, Lane, init_weights, plan_rows, preset  # noqa: E402
 
 CONFIG = GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=97, n_ctx=64)
 
@@ -54,39 +55,32 @@ def test_shards_put_back_together_are_the_weights(world):
                            for b in (block.attn_proj.w, block.attn_proj.b, block.ln_1.g))  # fmt: skip
 
 
-def test_world_of_one_decodes_bitwise_like_numpy_backend():
-    weights = init_weights(CONFIG, seed=1, std=0.3)
-    tp, ref = launch(CONFIG, weights, 3, comm=MPI.COMM_SELF), NumpyBackend(CONFIG, weights, 3)
-    prompt = np.arange(7) * 5
-    np.testing.assert_allclose(tp.prefill(1, prompt), ref.prefill(1, prompt), rtol=1e-5, atol=1e-5)
-    step = (np.array([1]), np.array([4]), np.array([7]))
-    np.testing.assert_array_equal(tp.decode(*step), ref.decode(*step))
-    tp.move_slots(np.array([1]), np.array([0]), np.array([8]))
-    ref.move_slots(np.array([1]), np.array([0]), np.array([8]))
-    step = (np.array([0]), np.array([9]), np.array([8]))
-    np.testing.assert_array_equal(tp.decode(*step), ref.decode(*step))
-    assert tp.decode(np.zeros(0), np.zeros(0), np.zeros(0)).shape == (0, CONFIG.vocab_size)
+@settings(max_examples=30)
+@given(data=st.data())
+def test_step_payload_decodes_to_the_rows_it_encodes(data):
+    """The STEP command carries a step's rows to every rank: any lanes, any block size."""
+    block_size = data.draw(st.sampled_from([1, 5, 16, 64]))
+    kv = KVShape(8 * -(-CONFIG.n_ctx // block_size), block_size)
+    ids = iter(data.draw(st.permutations(range(kv.n_blocks))))
+    lanes = []
+    for _ in range(data.draw(st.integers(1, 4))):
+        start = data.draw(st.integers(0, CONFIG.n_ctx - 1))
+        tokens = data.draw(st.lists(st.integers(0, CONFIG.vocab_size - 1), min_size=1, max_size=CONFIG.n_ctx - start))
+        lanes.append(Lane.of([next(ids) for _ in range(-(-(start + len(tokens)) // block_size))], tokens, start))
+    rows = plan_rows(CONFIG, kv, lanes)
+    header, payload = rows_payload(rows)
+    assert payload.shape == payload_shape(header)
+    got = payload_rows(header, payload.copy(), block_size)
+    for name in ("tokens", "positions", "lane", "block_table", "last", "blocks", "offsets"):
+        assert np.array_equal(getattr(got, name), getattr(rows, name)), name
+
+
+def test_closed_backend_refuses_to_step():
+    tp = launch(CONFIG, init_weights(CONFIG), 2, comm=MPI.COMM_SELF)
     assert tp.comm_seconds().shape == (1,)
     tp.close()
     with pytest.raises(RuntimeError, match="closed"):
-        tp.decode(*step)
-
-
-def test_bad_requests_raise_on_rank0_before_any_broadcast():
-    tp = launch(CONFIG, init_weights(CONFIG), 2, comm=MPI.COMM_SELF)
-    one = np.array([0])
-    with pytest.raises(ValueError, match="slot out of range 0..1"):
-        tp.decode(np.array([2]), one, one)
-    with pytest.raises(ValueError, match="token id 97 is outside the vocabulary 0..96"):
-        tp.prefill(0, np.array([1, 97]))
-    with pytest.raises(ValueError, match="each slot once"):
-        tp.decode(np.array([1, 1]), np.array([0, 0]), np.array([0, 0]))
-    with pytest.raises(ValueError, match="positions must lie in 0..63"):
-        tp.decode(one, one, np.array([64]))
-    with pytest.raises(ValueError, match="distinct holes"):
-        tp.move_slots(np.array([0]), np.array([0]), np.array([1]))
-    assert not tp.broken
-    tp.close()
+        tp.prefill(0, np.array([1]))
 
 
 def test_inner_backends_are_named_clearly():

@@ -1,6 +1,6 @@
 """A rank that raises must end the whole job: ``mpiexec -n N python tests/mpi/tp_abort.py --rank R --where W``.
 
-``--where step``: rank R's shard raises inside its third decode step, while the
+``--where step``: rank R's shard raises inside its third step, while the
 other ranks wait in a reduction. ``--where engine``: rank 0 raises in its own
 code between two steps, while the other ranks wait for the next command.
 Either way the job must end with a non-zero status; the test times it.
@@ -31,15 +31,15 @@ def main() -> None:
     args = parser.parse_args()
     rank = MPI.COMM_WORLD.Get_rank()
     if args.where == "step" and rank == args.rank:
-        decode, calls = NumpyShard.decode, []
+        step, calls = NumpyShard.step, []
 
-        def failing_decode(self, *step):
+        def failing_step(self, rows):
             calls.append(1)
             if len(calls) == 3:
-                raise InjectedFault(f"rank {rank} fails inside decode step 3")
-            return decode(self, *step)
+                raise InjectedFault(f"rank {rank} fails inside step 3")
+            return step(self, rows)
 
-        NumpyShard.decode = failing_decode
+        NumpyShard.step = failing_step
     config = preset("tiny")
     backend = launch(config, init_weights(config), n_slots=2)
     if backend is None:

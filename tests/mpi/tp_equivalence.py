@@ -6,7 +6,10 @@ and checks, on random requests, against the single-process NumpyBackend:
 - greedy tokens equal, except where two top logits lie within rounding (a split),
 - TP logits within 1e-5 (relative to the largest logit) of single-process logits,
 - TP fused decoding (requests joining, leaving and being shuffled between slots
-  of one running batch) bitwise equal to TP serial decoding.
+  of one running batch) bitwise equal to TP serial decoding;
+- on paged KV (blocks of 8 at random places), prompts prefilled in random
+  chunks, several prompts' chunks in one step, bitwise equal to each prompt
+  prefilled whole: ragged STEP commands with multi-block tables on every rank.
 
 Rank 0 prints one JSON line per model; a failed check raises, which aborts the job.
 """
@@ -21,9 +24,12 @@ from mpi4py import MPI
 
 from mpi_tp import launch
 from reference import GPTConfig, NumpyBackend, generate, init_weights, preset
+from reference.kv import KVShape
+from reference.lanes import Lane
 
 LOGIT_RTOL = 1e-5
 N_SLOTS = 6
+PAGED = KVShape(n_blocks=48, block_size=8)
 
 
 def random_config(rng: np.random.Generator, world: int) -> GPTConfig:
@@ -93,9 +99,9 @@ def fused_logits(backend, requests, arrivals: np.ndarray, rng: np.random.Generat
     return logs
 
 
-def check_model(name: str, config: GPTConfig, weights, tp, rng: np.random.Generator, n_requests: int) -> dict:
+def check_model(name: str, config: GPTConfig, weights, tp, requests, rng: np.random.Generator) -> dict:
     ref = NumpyBackend(config, weights, n_slots=1)
-    requests = random_requests(rng, config, n_requests)
+    n_requests = len(requests)
     splits, split_steps, steps, worst = 0, 0, 0, 0.0
     for prompt, n_new in requests:
         want = list(generate(ref, prompt, n_new))
@@ -119,6 +125,28 @@ def check_model(name: str, config: GPTConfig, weights, tp, rng: np.random.Genera
     )  # fmt: skip
 
 
+def check_ragged(name: str, tp, requests, rng: np.random.Generator) -> dict:
+    """Each prompt whole into its own blocks, then all of them again in random chunks, side by side."""
+    blocks = iter(rng.permutation(PAGED.n_blocks))
+    prompts = [prompt for prompt, _ in requests[:4]]
+    places = [[np.array([next(blocks) for _ in range(-(-len(p) // PAGED.block_size))]) for p in prompts] for _ in "ab"]
+    whole = [tp.step([Lane.of(place, p, 0)])[0] for place, p in zip(places[0], prompts, strict=True)]
+    cuts = [np.sort(rng.choice(np.arange(1, len(p)), rng.integers(min(1, len(p) - 1), len(p)), replace=False)) for p in prompts]
+    chunks = [np.split(p, cut) for p, cut in zip(prompts, cuts, strict=True)]
+    done, chunked, steps = [0] * len(prompts), [None] * len(prompts), 0
+    while any(done[i] < len(chunks[i]) for i in range(len(prompts))):
+        live = [i for i in range(len(prompts)) if done[i] < len(chunks[i])]
+        starts = [sum(len(c) for c in chunks[i][: done[i]]) for i in live]
+        out = tp.step([Lane.of(places[1][i], chunks[i][done[i]], start) for i, start in zip(live, starts, strict=True)])
+        for row, i in enumerate(live):
+            done[i] += 1
+            chunked[i] = out[row]
+        steps += 1
+    for i, (a, b) in enumerate(zip(whole, chunked, strict=True)):
+        assert np.array_equal(a, b), f"{name}: prompt {i} in chunks {[len(c) for c in chunks[i]]} differs from whole"
+    return dict(ragged_prompts=len(prompts), ragged_steps=steps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=0)
@@ -138,8 +166,14 @@ def main() -> None:
     for name, config, weights, vocab_parallel in models:
         tp = launch(config, weights, N_SLOTS, vocab_parallel=vocab_parallel)
         if tp is not None:
-            print(json.dumps(check_model(name, config, weights, tp, requests_rng, args.requests)), flush=True)
+            requests = random_requests(requests_rng, config, args.requests)
+            report = check_model(name, config, weights, tp, requests, requests_rng)
             tp.close()
+        paged = launch(config, weights, PAGED, vocab_parallel=vocab_parallel)  # every rank launches both
+        if paged is not None:
+            report.update(check_ragged(name, paged, requests, requests_rng))
+            paged.close()
+            print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":
