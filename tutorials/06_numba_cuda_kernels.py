@@ -377,10 +377,10 @@ print("each request's attention is bitwise the same alone and in the batch")
 # blocks need no order among themselves.
 #
 # We take lesson 4's slot map, give each request a length, and compare with
-# the NumPy shuffle of lesson 2's `KVSlots.move`.
+# the NumPy copy, the `move` of lesson 2's `KVSlots`.
 
 # %%
-from flover.shuffle import shuffle_plan
+from flover.engine.shuffle import shuffle_plan
 from numba_kernels.shuffle import move_slots
 from reference import GPTConfig, KVSlots
 
@@ -408,13 +408,16 @@ for s, d in plan:
 # ## NumbaBackend: the whole model on the device
 #
 # `numba_kernels.NumbaBackend(config, weights, n_slots)` puts it together. It
-# has lesson 2's three methods (`prefill`, `decode`, `move_slots`), so every
-# scheduler of lessons 3 and 4 runs on it (`flover bench --backend numba`).
-# It uploads the weights once and keeps the KV slots on the device; a step
-# runs from the embedding to the logits with the kernels above (plus layer
-# norm, GELU and the residual add in `numba_kernels/elementwise.py`, each
-# one row at a time), its GEMMs chosen by a `Dispatch`, and only the logits
-# come back.
+# implements lesson 2's `Backend` protocol, `step(lanes)` and `move`, and
+# gets `prefill` and `decode` from `LaneBackend` as lanes, so the engine of
+# lessons 3 and 4 runs on it (`flover bench --backend numba`). It uploads the
+# weights once and keeps the KV memory on the device, in Flover's slots (one
+# block of n_ctx positions per request; it refuses paged blocks). A step, any
+# mix of prompt chunks and decode tokens, runs from the embedding to the
+# logits with the kernels above (plus layer norm, GELU and the residual add
+# in `numba_kernels/elementwise.py`, each one row at a time), its GEMMs
+# chosen by a `Dispatch`, and only the logits of each lane's last token come
+# back.
 #
 # The simulator is slow (a Python thread per GPU thread), so we build a
 # small model by hand: a `GPTConfig` (lesson 1) of 1 layer, 2 heads,
@@ -432,9 +435,10 @@ weights = init_weights(config, seed=1, std=0.3)
 gpu = NumbaBackend(config, weights, n_slots=3)
 cpu = NumpyBackend(config, weights, n_slots=3)
 prompts = {0: [5, 17, 63, 0, 42], 1: [9, 9, 2], 2: [33, 1, 60, 5, 8, 21, 7]}
+prefilled = {}  # slot -> the logits of its prompt's last position, on the device
 for slot, prompt in prompts.items():
-    on_gpu, on_cpu = gpu.prefill(slot, np.array(prompt)), cpu.prefill(slot, np.array(prompt))
-    assert np.allclose(on_gpu, on_cpu, rtol=1e-4, atol=1e-4), f"slot {slot}: the same model, to rounding"
+    prefilled[slot], on_cpu = gpu.prefill(slot, np.array(prompt)), cpu.prefill(slot, np.array(prompt))
+    assert np.allclose(prefilled[slot], on_cpu, rtol=1e-4, atol=1e-4), f"slot {slot}: the same model, to rounding"
 
 # %% [markdown]
 # One fused decode step over all three slots, in a mixed order, and then each
@@ -461,6 +465,20 @@ assert on_gpu == list(generate(cpu, prompts[0], 6)), "greedy tokens equal the Nu
 print(f"greedy tokens after {prompts[0]}: {on_gpu}, on {RUNS_ON}")
 
 # %% [markdown]
+# And lesson 2's other promise, on the device: a prompt prefilled in one
+# lane (slot 1's, above) gives bitwise the last logits of the same prompt
+# fed one token per step, since each row is computed from its own token,
+# position and cached keys and values alone.
+
+# %%
+from reference import Lane
+
+for i, token in enumerate(prompts[1]):
+    one_by_one = gpu.step([Lane.of([0], [token], i)])[0]  # 3 steps of 1 lane of 1 token, into slot 0
+assert np.array_equal(prefilled[1], one_by_one)
+print("a prompt at once == one token at a time, bitwise, on", RUNS_ON)
+
+# %% [markdown]
 # ## What we have
 #
 # - A kernel runs as a grid of blocks of threads; every thread finds its
@@ -472,7 +490,8 @@ print(f"greedy tokens after {prompts[0]}: {on_gpu}, on {RUNS_ON}")
 # - Decode attention gives each (request, head) its own block and reads only
 #   the request's own length; the shuffle moves slots in one launch.
 # - `NumbaBackend` is a backend like the others: a fused step's rows equal
-#   solo decodes bit for bit, on a GPU as under the simulator.
+#   solo decodes bit for bit, and a prompt at once equals it fed token by
+#   token, on a GPU as under the simulator.
 # - `tests/test_numba_*.py` check all of this on random shapes, and
 #   `numba_kernels/README.md` says how to tune and benchmark on a GPU.
 #
