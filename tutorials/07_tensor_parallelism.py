@@ -278,10 +278,12 @@ assert np.array_equal(logits.argmax(axis=-1), expected.argmax(axis=-1))
 # `mpi_tp.launch(config, weights, n_slots)` with the same model: each rank
 # keeps only its shard and KV slots for its own heads. Ranks 1 .. N-1 then
 # stay inside `launch`, serving rank 0's commands, and return None when it
-# is done. Rank 0 gets a `TPBackend`, a backend with lesson 2's methods:
-# each call broadcasts a command (prefill, decode, move slots), every rank
-# runs that step on its shard with two reductions per block, and the logits
-# are gathered on rank 0. `backend.close()` lets the other ranks return from
+# is done. Rank 0 gets a `TPBackend`, a backend with lesson 2's protocol:
+# each `step(lanes)` broadcasts one command holding the step's rows (their
+# tokens and positions, and each lane's blocks), every rank runs that step
+# on its shard with two reductions per block, and the logits are gathered
+# on rank 0; `move` is another command, each rank moving its own heads'
+# keys and values. `prefill` and `decode` are lanes, as on every backend. `backend.close()` lets the other ranks return from
 # `launch`, and `backend.comm_seconds()` tells how long each rank has spent
 # in MPI calls.
 #
@@ -354,10 +356,12 @@ assert rounding < 1e-4 and gap > 100 * rounding
 # %% [markdown]
 # ## `flover bench` under MPI
 #
-# `flover bench` is lesson 3's `run_policy` on the command line: it makes a
-# Poisson trace from its flags, serves it under `--policy`, and prints one
-# row per policy (throughput in tok/s; `x fused`, fused throughput over this
-# row's; latency, TTFT and TPOT; makespan; the mean batch). With `--tp`,
+# `flover bench`, which served lesson 3's instances, is `run_policy` on the
+# command line: it makes a Poisson trace from its flags (or reads one with
+# `--trace`), serves it under `--policy`, and prints one row per policy
+# (throughput in tok/s; `x fused`, fused throughput over this row's;
+# latency, TTFT and TPOT; makespan; the mean batch; the share of idle
+# rows). With `--tp`,
 # under `mpiexec`, it serves from a `TPBackend`; only rank 0 prints, and it
 # adds one line: the seconds each rank spent in MPI calls since launch
 # (warm-up included), against the serving time. A rank waiting inside a
