@@ -21,7 +21,10 @@
 # [Hypothesis](https://hypothesis.readthedocs.io), using the strategies
 # flover tests itself with. We plant two classic bugs and watch the property
 # catch each one with a minimal failing trace, then see the correct version
-# pass.
+# pass. Last, we write the same scheduler against the engine's public
+# interface, `flover.engine.Scheduler`, and check it with
+# `flover.testing.check_scheduler`, the check flover runs on its own
+# policies.
 
 # %% [markdown]
 # This lesson draws no pictures; it only asks for one thread per process, as
@@ -68,8 +71,8 @@ assert sharp > 2 * flat
 weights = init_weights(config, seed=1, std=0.3)
 
 
-def make_backend(n_slots: int) -> NumpyBackend:
-    return NumpyBackend(config, weights, n_slots)
+def make_backend(kv) -> NumpyBackend:  # kv: a number of slots (or, later, a KVShape)
+    return NumpyBackend(config, weights, kv)
 
 
 # %% [markdown]
@@ -77,8 +80,8 @@ def make_backend(n_slots: int) -> NumpyBackend:
 #
 # Our scheduler keeps up to `n_slots` requests in flight, like the fused
 # engine, but instead of one fused step over all of them it decodes **one
-# request per step, in turn** (round robin). It uses nothing but the
-# `Backend` protocol of lesson 2 (`prefill` and `decode`) and a `Sampler`
+# request per step, in turn** (round robin). It uses nothing but a backend's
+# `prefill` and `decode` (lesson 2's two shapes of lanes) and a `Sampler`
 # per request. Its clock counts backend calls: each prefill or decode step
 # takes one unit, and a request may start once the clock has reached its
 # `arrival_s`.
@@ -91,7 +94,7 @@ def make_backend(n_slots: int) -> NumpyBackend:
 from collections import deque
 from dataclasses import dataclass, field
 
-from flover.request import Request
+from flover.engine import Request
 from reference import Backend, Sampler
 
 
@@ -172,8 +175,9 @@ with warnings.catch_warnings():
 
 # %% [markdown]
 # `serial_outputs(make_backend, trace)` is the ground truth: every request
-# decoded alone by `reference.generate` (lesson 2), as {id: tokens}. The
-# property of a correct scheduler is one line:
+# decoded alone by `reference.generate` (lesson 2), as {id: tokens}
+# (`make_backend(1)` gives it one slot). The property of a correct scheduler
+# is one line:
 #
 #     round_robin(make_backend(n_slots), trace) == serial_outputs(make_backend, trace)
 #
@@ -195,7 +199,7 @@ SETTINGS = settings(max_examples=40, derandomize=True, database=None, deadline=N
 N_SLOTS = 2
 
 
-def check_scheduler(scheduler) -> None:
+def check_tokens(scheduler) -> None:
     """Run the property over generated traces; raises on the smallest failing trace."""
 
     @SETTINGS
@@ -206,7 +210,7 @@ def check_scheduler(scheduler) -> None:
     test_same_tokens_as_serial()
 
 
-check_scheduler(round_robin)
+check_tokens(round_robin)
 print("round_robin: tokens equal serial decoding on 40 generated traces")
 
 # %% [markdown]
@@ -228,7 +232,7 @@ def slot_clash(backend, trace):
 
 
 try:
-    check_scheduler(slot_clash)
+    check_tokens(slot_clash)
     caught = None
 except AssertionError as failure:
     caught = failure
@@ -272,15 +276,14 @@ def shared_sampler(backend, trace):
 smallest = find(TRACES, disagrees(shared_sampler), settings=settings(SETTINGS, max_examples=100))
 for request in smallest:
     print(request)
-assert len(smallest) == 2 and any(r.temperature > 0 for r in smallest), "a sampled request and one other suffice"
+assert len(smallest) == 2 and any(r.sampling.temperature > 0 for r in smallest), "a sampled request and one other"
 
 # %% [markdown]
-# ## The fixed scheduler passes, and so do flover's policies
+# ## The fixed scheduler passes, and so does flover's fused policy
 #
 # The correct `round_robin` (a free list, a sampler per request) passed
-# above. The same property, with `run_policy` and the virtual clock of
-# lesson 3, is what `tests/test_fusion_properties.py` checks for every
-# flover policy. Here it is for the fused engine:
+# above. The same property holds for the fused policy of lesson 3, served
+# by `run_policy` under the virtual clock:
 
 # %%
 from flover.clock import VirtualClock
@@ -292,17 +295,107 @@ def fused(backend, trace):
     return {r.id: r.tokens for r in run.results}
 
 
-check_scheduler(fused)
+check_tokens(fused)
 print("round_robin (above) and the fused engine: tokens equal serial decoding on every generated trace")
+
+# %% [markdown]
+# ## The same scheduler on the engine's interface
+#
+# `round_robin` is a whole serving loop: it admits, picks slots, prefills,
+# decodes, samples and frees, and a bug can hide in any of those. flover's
+# engine (`flover.engine.Engine`, lessons 3 and 4) writes that loop once,
+# and a policy is a subclass of `flover.engine.Scheduler` that answers two
+# questions each iteration:
+#
+# - `admit(waiting, running, memory, now) -> int`: how many requests from
+#   the front of the queue to bring into KV memory (`memory.can_admit`,
+#   `memory.admit`); by default, as many as fit;
+# - `steps(running)`: what to compute, as a sequence of steps, each a list
+#   of `(request, n)`: feed the request's next `n` uncached tokens (its whole
+#   prompt, a chunk of it, or the one token it sampled last).
+#
+# A running request is a `flover.engine.RequestState`: its `request`, its
+# `ids` (the prompt, then every token generated), `cached`, how many of them
+# its KV memory holds, and `uncached`, how many are still to feed. The KV
+# layout picks the slots, and the engine keeps each request's sampler,
+# samples once all its ids are cached and frees its memory when it is done,
+# so the two bugs above have nowhere to live. Round robin is a few lines:
+# each newcomer's prompt alone, then one request's token per iteration, in
+# turn.
+#
+# `flover.testing.check_scheduler(scheduler, make_layout, make_backend,
+# trace)` runs a trace under a scheduler on a fresh layout and asserts what
+# every policy must keep: each request handed back once, serial decoding's
+# tokens *and its logits, bit for bit* (lesson 5), timestamps in order, and
+# KV memory within the layout's budget. A few Hypothesis examples:
+
+# %%
+from flover.engine import Scheduler, SlotLayout
+from flover.testing import check_scheduler
+
+
+class RoundRobin(Scheduler):
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self.turn = 0
+
+    def steps(self, running):
+        for state in [s for s in running if s.uncached > 1]:
+            yield [(state, state.uncached)]  # a newcomer's prompt, alone
+        decoding = [s for s in running if s.uncached == 1]
+        if decoding:
+            self.turn += 1
+            yield [(decoding[self.turn % len(decoding)], 1)]  # one request's token, in turn
+
+
+@settings(SETTINGS, max_examples=10)
+@given(TRACES)
+def test_round_robin_on_the_engine(trace):
+    check_scheduler(RoundRobin(), lambda: SlotLayout(config, N_SLOTS), make_backend, trace)
+
+
+test_round_robin_on_the_engine()
+print("RoundRobin on the engine: serial tokens and bitwise serial logits on 10 generated traces")
+
+# %% [markdown]
+# The logits are a sharper test than the tokens. Round robin never shares a
+# step, so it would pass even on lesson 5's BLAS backend, whose rows change
+# with their batch. flover's `FusedScheduler` does share steps: on BLAS,
+# `check_scheduler` catches it on two requests that arrive together, though
+# their tokens may well agree.
+
+# %%
+from flover.engine import FusedScheduler
+
+
+def blas_backend(kv) -> NumpyBackend:
+    return NumpyBackend(config, weights, kv, invariant=False)
+
+
+pair = [Request(0, 0.0, (5, 6, 7), 6), Request(1, 0.0, (8, 9, 10, 11, 12), 6)]
+check_scheduler(RoundRobin(), lambda: SlotLayout(config, N_SLOTS), blas_backend, pair)
+check_scheduler(FusedScheduler(), lambda: SlotLayout(config, N_SLOTS), make_backend, pair)
+try:
+    check_scheduler(FusedScheduler(), lambda: SlotLayout(config, N_SLOTS), blas_backend, pair)
+    caught = None
+except AssertionError as failure:
+    caught = failure
+print("fused on BLAS:", caught)
+assert caught is not None and "logits differ" in str(caught)
 
 # %% [markdown]
 # ## Your turn
 #
-# - Write a shortest-job-first scheduler (admit the waiting request with the
-#   smallest `max_new_tokens` first) and run `check_scheduler` on it.
-# - Make `round_robin` decode all its in-flight requests in one batched step
-#   (you will have rebuilt temporal fusion) and check it again; then compare
-#   logits bitwise with `keep_logits=True` as lesson 5 did.
+# - Write a shortest-job-first scheduler in the style of `round_robin`
+#   (admit the waiting request with the smallest `max_new_tokens` first) and
+#   run `check_tokens` on it. (The engine's `admit` takes requests from the
+#   front of its first-come queue, so there it would need a queue of its
+#   own.)
+# - Make `RoundRobin` decode all its in-flight requests in one step (you
+#   will have rebuilt temporal fusion, `FusedScheduler`), or feed prompts in
+#   chunks of a few tokens beside the decodes, and check it again; try a
+#   `PagedLayout` (lesson 4) as its memory too.
 # - `flover.testing.slot_maps()` generates KV slot maps; turn lesson 4's
 #   brute-force check of `shuffle_plan` into a `@given` test over maps of up
 #   to 24 slots.
