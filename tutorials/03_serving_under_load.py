@@ -109,7 +109,8 @@ show(fig, "03_arrivals.png")
 #   requests arriving meanwhile wait for the next batch.
 # - **instances**: `instances` copies of the model serve concurrently, each
 #   serially; a request goes to the copy with the fewest outstanding
-#   requests. (On the wall clock each copy is a process of its own, with its
+#   requests. (On the virtual clock below the copies are simulated one
+#   after another; on the wall clock each is a process of its own, with its
 #   own weights and its share of the cores.)
 # - **fused** (temporal fusion, Flover): a single running batch over `slots`
 #   KV slots. A newcomer is prefilled on its own into a free slot and joins

@@ -209,10 +209,10 @@ print(f"shuffle_plan uses the fewest moves on all {checked} slot maps of 1 to 8 
 #
 # The test of a correct move: decode the requests before and after the
 # shuffle and compare. Fill the active slots of our map with prompts of
-# different lengths, run one decode step over the whole window, shuffle, and
-# run the same step over the new, shorter window. Every request's logits are
-# the same bit for bit (lesson 5 explains why a request's logits do not
-# depend on which rows share its step).
+# different lengths, run one decode step over the requests of the window,
+# shuffle, and run the same step over the new, shorter window. Every
+# request's logits are the same bit for bit (lesson 5 explains why a
+# request's logits do not depend on which rows share its step).
 
 # %%
 from flover.loading import resolve

@@ -1,8 +1,10 @@
-"""``flover bench``: serve one trace under one policy, or all of them side by side."""
+"""``flover bench``: serve one trace under one policy, or all of them side by side; or replay it over HTTP
+against a running server (``--url``), measured by streaming clients."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -21,7 +23,8 @@ from flover.commands.common import (
 from flover.launch import open_backend
 from flover.loading import resolve
 from flover.report import table
-from flover.runner import POLICIES, PolicyConfig, check_trace, run_policy, warm_up
+from flover.runner import POLICIES, PolicyConfig, RunResult, check_trace, run_policy, warm_up
+from flover.slo import parse_goodput, serving_metrics, summary
 from flover.trace import read_trace
 
 
@@ -35,6 +38,12 @@ def add_parser(sub) -> None:
     p.add_argument("--json", dest="json_out", help="write the runs as JSON to this file")
     p.add_argument("--plot", help="write timeline and latency PNGs into this directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--goodput", nargs="+", metavar="KEY:MS", default=[],
+                   help="objectives for goodput, e.g. ttft:500 tpot:50 (e2el too): requests/s that met them all")
+    http = p.add_argument_group("over HTTP (the policy is the server's; --model only shapes the trace)")
+    http.add_argument("--url", help="replay the trace against this OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    http.add_argument("--served-model", help="the model name to send (default: the first GET /v1/models lists)")
+    http.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take over HTTP")
     p.set_defaults(run=run)
 
 
@@ -52,6 +61,9 @@ def run(args) -> int:
     config, weights, _ = resolve(args.model, args.weights_seed)
     requests = read_trace(args.trace) if args.trace else make_trace(args, config)
     check_trace(config, requests)
+    slo = parse_goodput(args.goodput)
+    if args.url:
+        return run_http(args, requests, slo)
     configs = policies_of(args)
     shapes = shared_kv(config, configs)
     check_run_memory(config, configs, shapes)
@@ -69,13 +81,40 @@ def run(args) -> int:
         for pc in configs:
             with tqdm(total=len(requests), desc=pc.label, unit="req", disable=True if args.quiet else None, leave=False) as bar:
                 runs.append(run_policy(pc, factory, requests, on_finish=lambda _: bar.update(), backend=backend))
+        for run_ in runs:
+            run_.metrics.update(serving_metrics(run_.results, 0, run_.metrics["makespan_s"], slo))
         print(table(runs))
+        for run_ in runs if slo else ():
+            print(summary(run_.config.label, run_.metrics))
         if comm_before is not None:  # tensor parallel: time each rank spent in MPI calls while serving
             spent = backend.comm_seconds() - comm_before
             serving = sum(run.metrics["makespan_s"] for run in runs)
             print(f"communication over {len(spent)} ranks ({serving:.2f}s of serving): "
                   + ", ".join(f"rank {r} {s:.3f}s ({100 * s / serving:.1f}%)" for r, s in enumerate(spent)))  # fmt: skip
-    extra = {"model": args.model or "default", "backend": args.backend, "tp": args.tp, "requests": len(requests)}
+    write_outputs(args, runs, {"model": args.model or "default", "backend": args.backend, "tp": args.tp,
+                               "requests": len(requests)})  # fmt: skip
+    return 0
+
+
+def run_http(args, requests, slo: dict[str, float]) -> int:
+    from flover.http_run import http_run
+    from flover.loadgen import served_model
+
+    model = args.served_model or served_model(args.url)
+    with tqdm(total=len(requests), desc=args.url, unit="req", disable=True if args.quiet else None, leave=False) as bar:
+        run_, failures = http_run(args.url, requests, model, slo, args.timeout, on_finish=lambda _: bar.update())
+    for failure in failures[:5]:
+        print(f"request {failure.id!r} failed: {failure.error}")
+    if not run_.results:
+        print(f"flover: error: none of the {len(requests)} requests was answered in full", file=sys.stderr)
+        return 1
+    print(table([run_]))
+    print(summary(run_.config.label, run_.metrics))
+    write_outputs(args, [run_], {"url": args.url, "served_model": model, "requests": len(requests)})
+    return 0 if not failures else 1
+
+
+def write_outputs(args, runs: list[RunResult], extra: dict) -> None:
     if args.json_out:
         records = [run.as_json(extra) for run in runs]
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
@@ -87,4 +126,3 @@ def run(args) -> int:
         written = [plots.timeline(run, out / f"timeline_{i}_{run.config.policy}.png") for i, run in enumerate(runs)]
         written.append(plots.latency_cdfs(runs, out / "latency_cdf.png"))
         print("plots: " + ", ".join(str(p) for p in written))
-    return 0

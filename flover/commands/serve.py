@@ -58,10 +58,10 @@ def run(args) -> int:
         if backend is None:  # a worker rank of a tensor-parallel job: it mirrored rank 0's steps until the end
             return 0
         listener = listen(args.host, args.port)
-        return serve(args, model, tokenizer, backend, pc, layout, listener)
+        return serve(args, model, tokenizer, backend, pc, listener)
 
 
-def serve(args, model: str, tokenizer, backend, pc, layout, listener) -> int:
+def serve(args, model: str, tokenizer, backend, pc, listener) -> int:
     from flover.runner import warm_up
     from flover.server.run import make_server, url_of
     from flover.server.service import served_name
@@ -70,8 +70,8 @@ def serve(args, model: str, tokenizer, backend, pc, layout, listener) -> int:
     logging.basicConfig(format="flover: %(levelname)s: %(message)s", level=args.log_level.upper())
     ready = (f"flover: serving {served_name(model)} ({pc.label}, at most {args.max_waiting} waiting) at {url_of(listener)}; "
              "Ctrl-C stops")  # fmt: skip
-    server = make_server(backend, tokenizer, model, pc.scheduler(), layout, args.max_waiting, args.shutdown_timeout,
-                         args.log_level, args.access_log, ready)  # fmt: skip
+    server = make_server(backend, tokenizer, model, pc, args.max_waiting, args.shutdown_timeout, args.log_level,
+                         args.access_log, ready)  # fmt: skip
     server.run(sockets=[listener])
     if server.service.live.error is not None:
         print(f"flover: error: the engine failed: {server.service.live.error!r}", file=sys.stderr)

@@ -72,7 +72,8 @@ def create_app(service: CompletionService, shutdown_timeout_s: float = 30.0, ver
             return APIError(503, "the engine stopped after an internal error", code="engine_failed").response()
         if service.draining:
             return APIError(503, "shutting down", code="shutting_down").response()
-        return JSONResponse({"status": "ok", "running": service.live.running, "waiting": service.live.waiting})
+        return JSONResponse({"status": "ok", "model": service.name, "policy": service.policy,
+                             "running": service.live.running, "waiting": service.live.waiting})  # fmt: skip
 
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)

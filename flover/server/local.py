@@ -24,10 +24,9 @@ def serve_in_thread(model: str | None = None, policy: PolicyConfig = PolicyConfi
     """Yield the running server (``.url``, ``.service``); stop it gracefully on the way out."""
     model = model or default_model()
     config, weights, default_tokenizer = resolve(model, weights_seed)
-    layout = policy.layout(config)
-    engine_backend = make_backend(backend, config, weights, layout.shape)
+    engine_backend = make_backend(backend, config, weights, policy.layout(config).shape)
     warm_up(engine_backend)
-    server = make_server(engine_backend, tokenizer or default_tokenizer, model, policy.scheduler(), layout, max_waiting)
+    server = make_server(engine_backend, tokenizer or default_tokenizer, model, policy, max_waiting)
     sock = listen("127.0.0.1", 0)
     server.url = url_of(sock)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="flover-http", daemon=True)

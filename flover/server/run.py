@@ -11,7 +11,8 @@ import uvicorn
 
 from flover import __version__
 from flover.clock import WallClock
-from flover.engine import Engine, KVLayout, LiveEngine
+from flover.engine import Engine, LiveEngine
+from flover.runner import PolicyConfig
 from flover.server.app import create_app
 from flover.server.service import CompletionService
 from reference.backend import Backend
@@ -65,12 +66,13 @@ class GracefulServer(uvicorn.Server):
             print(self.ready_line, flush=True)
 
 
-def make_server(backend: Backend, tokenizer, model: str, scheduler, layout: KVLayout, max_waiting: int | None,
+def make_server(backend: Backend, tokenizer, model: str, policy: PolicyConfig, max_waiting: int | None,
                 shutdown_timeout_s: float = 30.0, log_level: str = "warning", access_log: bool = False,
                 ready_line: str = "") -> GracefulServer:  # fmt: skip
     """The engine on ``backend`` (warm it first) behind the app, ready to ``run(sockets=[listen(...)])``."""
-    live = LiveEngine(Engine(backend, scheduler, layout, WallClock()), max_waiting=max_waiting)
-    service = CompletionService(live, tokenizer, model)
+    layout = policy.layout(backend.config)
+    live = LiveEngine(Engine(backend, policy.scheduler(), layout, WallClock()), max_waiting=max_waiting)
+    service = CompletionService(live, tokenizer, model, policy.label)
     config = uvicorn.Config(create_app(service, shutdown_timeout_s, __version__), log_level=log_level,
                             access_log=access_log, lifespan="on", timeout_graceful_shutdown=shutdown_timeout_s)  # fmt: skip
     return GracefulServer(config, service, ready_line)

@@ -101,6 +101,8 @@ def field_error(error: ValidationError, body: dict) -> APIError:
         return APIError(400, f"{field} has an unknown field {shown(first['loc'][-1])}; it must be {HINTS[field]}", param=field)
     if first["type"] == "extra_forbidden":
         return APIError(400, f"unknown field {shown(field)}; the fields are {', '.join(HINTS)}", param=field)
+    if first["type"] == "string_unicode":
+        return APIError(400, f"{field} is not valid Unicode text: it holds a lone surrogate (\\ud800 to \\udfff)", param=field)
     if first["type"] == "missing":
         return APIError(400, f"{field} is required: {HINTS.get(field, 'a value')}", param=field)
     return APIError(400, f"{field} must be {HINTS.get(field, 'valid')}, got {shown(body.get(field))}", param=field)

@@ -33,13 +33,14 @@ def served_name(model: str) -> str:
 
 
 class CompletionService:
-    def __init__(self, live: LiveEngine, tokenizer, model: str) -> None:
+    def __init__(self, live: LiveEngine, tokenizer, model: str, policy: str = "") -> None:
         self.live = live
         self.engine = live.engine
         self.config = live.engine.backend.config
         self.tokenizer = tokenizer
         self.model = model  # as given to --model
         self.name = served_name(model)
+        self.policy = policy  # the policy's label, which /health tells a load generator
         self.metrics = ServerMetrics(live)
         self.open: dict[str, Completion] = {}  # accepted, not yet handed back by the engine
         self.draining = False  # shutting down: accept nothing new
