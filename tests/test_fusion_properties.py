@@ -59,3 +59,22 @@ def test_simulated_instances_return_serial_tokens(make_backend, trace, instances
     run = run_policy(PolicyConfig("instances", instances=instances), make_backend, trace, clock=VirtualClock())
     assert sorted(r.id for r in run.results) == sorted(r.id for r in trace), "each request exactly once"
     assert {r.id: r.tokens for r in run.results} == serial_outputs(make_backend, trace)
+
+
+NUMBA_CONFIG = SMALL.with_(n_layer=1, n_embd=16, n_head=2, n_ctx=16)  # the CUDA simulator runs a thread per thread
+
+
+@pytest.mark.skipif(not __import__("numba_kernels").cuda_available(), reason="no CUDA GPU and no simulator")
+@settings(max_examples=2)
+@given(trace=traces(NUMBA_CONFIG.vocab_size, NUMBA_CONFIG.n_ctx, min_requests=3, max_requests=3, max_new_tokens=3,
+                    max_prompt=3, max_arrival=2),
+       scheduler=st.sampled_from([FusedScheduler("alone"), FusedScheduler("chunked", 3)]), shuffle=st.booleans())
+def test_fused_on_the_numba_backend_equals_its_serial(trace, scheduler, shuffle):
+    from numba_kernels import NumbaBackend
+    from numba_kernels.simulator import quick_switching
+    from reference import init_weights
+
+    weights = init_weights(NUMBA_CONFIG, seed=1, std=0.3)
+    with quick_switching():
+        check_scheduler(scheduler, lambda: SlotLayout(NUMBA_CONFIG, 2, shuffle),
+                        lambda kv: NumbaBackend(NUMBA_CONFIG, weights, kv), trace)  # fmt: skip
