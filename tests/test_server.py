@@ -89,9 +89,10 @@ def test_64_concurrent_streams_each_equal_serial_decoding(server, model):
     assert (metric(server, "flover_batch_size_sum") - batch_before) / steps > 4, "the streams were fused"
 
 
-def test_a_full_queue_answers_429_at_once_and_loses_nothing(model):
+def test_a_full_queue_answers_429_at_once_and_loses_nothing(model, monkeypatch):
     with serve_in_thread(policy=PolicyConfig("fused", slots=2), max_waiting=2) as server:
-        trace = [Request(i, 0.0, (10 + i, 32, 97), 200, SamplingParams(seed=i)) for i in range(12)]
+        slow_down(server, monkeypatch)
+        trace = [Request(i, 0.0, (10 + i, 32, 97), 64, SamplingParams(seed=i)) for i in range(12)]
         results = asyncio.run(replay(server.url, trace, server.service.name))
         refused, served = [r for r in results if r.status == 429], [r for r in results if r.ok]
         assert refused and len(refused) + len(served) == 12, [r.error for r in results]
@@ -99,14 +100,13 @@ def test_a_full_queue_answers_429_at_once_and_loses_nothing(model):
         assert max(r.finish_s for r in refused) < min(r.finish_s for r in served), "refused before any finished"
         for result in served:
             request = trace[result.id]
-            assert result.tokens == serial(model, request.prompt_ids, 200, request.sampling)
+            assert result.tokens == serial(model, request.prompt_ids, 64, request.sampling)
         assert metric(server, "flover_requests_total", outcome="rejected") == len(refused)
         assert metric(server, "flover_requests_total", outcome="length") == len(served)
 
 
-@pytest.fixture
-def slow_steps(server, monkeypatch):
-    """Each step of the server's engine takes 5 ms more, so a long request is still running when its client goes."""
+def slow_down(server, monkeypatch) -> None:
+    """Each step of the server's engine takes 5 ms more, so a long request still runs when the test acts."""
     backend = server.service.engine.backend
     step = backend.step
 
@@ -115,6 +115,11 @@ def slow_steps(server, monkeypatch):
         return step(lanes)
 
     monkeypatch.setattr(backend, "step", slow_step)
+
+
+@pytest.fixture
+def slow_steps(server, monkeypatch):
+    slow_down(server, monkeypatch)
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["mid-stream", "waiting-for-the-whole-answer"])
