@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from flover.commands import bench, demo, generate, serve, sweep, trace
+from flover.commands import bench, calibrate, demo, generate, serve, simulate, sweep, trace
 from flover.commands.parser import Parser, UsageError
 from reference import CheckpointError
 
-COMMANDS = (generate, trace, bench, sweep, serve, demo)
+COMMANDS = (generate, trace, bench, sweep, simulate, calibrate, serve, demo)
 
 
 def build_parser() -> Parser:

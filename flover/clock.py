@@ -34,6 +34,9 @@ class WallClock:
     def spend(self, lanes: Sequence[Lane], prefill: int) -> None:
         """Real work takes its real time."""
 
+    def spend_move(self, lengths: Sequence[int]) -> None:
+        """The memory shuffle's copies (positions of each moved slot) took their real time too."""
+
 
 class VirtualClock:
     """Time that advances only when the engine waits or runs modelled work.
@@ -55,6 +58,9 @@ class VirtualClock:
 
     def spend(self, lanes: Sequence[Lane], prefill: int) -> None:
         self._now += prefill * self.prefill_s + (self.step_s if len(lanes) > prefill else 0.0)
+
+    def spend_move(self, lengths: Sequence[int]) -> None:
+        """The idealised model prices no copies (a cost model's clock does: ``flover.sim.clock``)."""
 
     def fork(self, start: float) -> VirtualClock:
         return VirtualClock(self.step_s, self.prefill_s, start)

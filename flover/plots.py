@@ -16,8 +16,9 @@ from flover.runner import RunResult  # noqa: E402
 PHASES = (("waiting", "#d0d0d0"), ("prefill", "#f28e2b"), ("decoding", "#4e79a7"))
 
 
-def timeline(run: RunResult, path: Path) -> Path:
-    """One bar per request (waiting, prefill, decoding) above the batch size of every decode step."""
+def timeline(run: RunResult, path: Path, note: str = "") -> Path:
+    """One bar per request (waiting, prefill, decoding) above the batch size of every decode step.
+    ``note`` heads the title (a simulated run says so there)."""
     results = sorted(run.results, key=lambda r: (r.arrival_s, str(r.id)))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True, height_ratios=[3, 1])
     for y, r in enumerate(results):
@@ -25,7 +26,7 @@ def timeline(run: RunResult, path: Path) -> Path:
         for (start, end), (_, color) in zip(spans, PHASES):
             top.barh(y, end - start, left=start, color=color, height=0.8, linewidth=0)
     top.set_ylabel("request (by arrival)")
-    top.set_title(f"{run.config.label}: {len(results)} requests")
+    top.set_title((f"{note}\n" if note else "") + f"{run.config.label}: {len(results)} requests")
     top.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for _, c in PHASES],
                labels=[name for name, _ in PHASES], loc="upper left", fontsize=8)  # fmt: skip
     steps = sorted(run.stats.steps, key=lambda s: s.start_s)
@@ -45,7 +46,7 @@ def timeline(run: RunResult, path: Path) -> Path:
     return path
 
 
-def latency_cdfs(runs: Sequence[RunResult], path: Path) -> Path:
+def latency_cdfs(runs: Sequence[RunResult], path: Path, note: str = "") -> Path:
     """Cumulative distributions of end-to-end latency and time to first token, one curve per policy."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for metric, ax, title in (("latency", axes[0], "end-to-end latency"), ("ttft", axes[1], "time to first token")):
@@ -54,7 +55,7 @@ def latency_cdfs(runs: Sequence[RunResult], path: Path) -> Path:
             ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=run.config.label)
         ax.set_xlabel("seconds")
         ax.set_ylabel("fraction of requests")
-        ax.set_title(title)
+        ax.set_title(f"{title}, {note}" if note else title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

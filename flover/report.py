@@ -10,13 +10,14 @@ COLUMNS = ("policy", "tok/s", "x fused", "lat mean", "lat p50", "lat p99", "retu
            "makespan", "batch", "idle rows")  # fmt: skip
 
 
-def table(runs: Sequence[RunResult]) -> str:
+def table(runs: Sequence[RunResult], title: str = "") -> str:
     """One row per run; 'x fused' is fused throughput / this run's (so fused is 1.00).
 
     'returned' is the mean latency until a response is handed back: later than
     its last token only for dynamic batching without streaming (the batch
     returns whole). 'idle rows' is the share of computed rows that served no
     request: holes without the shuffle, finished members carried as padding.
+    ``title`` is a line above the table (a simulated run says so there).
     """
     fused = next((r for r in runs if r.config.policy == "fused"), None)
     rows = [COLUMNS]
@@ -32,4 +33,4 @@ def table(runs: Sequence[RunResult]) -> str:
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]  # fmt: skip
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return "\n".join(([title] if title else []) + lines)

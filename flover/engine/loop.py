@@ -168,6 +168,7 @@ class Engine:
         if moves:
             src, dst, lengths = (np.array(column, np.int64) for column in zip(*moves))
             self.backend.move(src, dst, lengths)
+            self.clock.spend_move(lengths)
             self.stats.moves += len(moves)
 
     def _finish(self, state: RequestState) -> None:

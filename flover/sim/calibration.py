@@ -1,0 +1,171 @@
+"""Calibrating this machine's CPU: measure step costs with the real NumPy backend, fit, write a device file.
+
+Measured: decode steps over batch sizes and context lengths, prefills over
+prompt lengths, a memory shuffle's copies, and the host's work per lane
+(the engine samples each lane's token from its logits). The points take
+turns in rounds, and a figure is the best round's median, so that a noisy
+neighbour slows every point alike. ``fit_cpu`` then fits the figures, and
+``device_record`` writes them with the measurements, the fit's error on
+each, and when, where and how they were taken.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+
+from flover.engine import Request, RequestState
+from flover.sim.cost import StepShape
+from flover.sim.fit import CpuFit, Measured, fit_cpu
+from flover.sim.shapes import ModelShape
+from reference import Lane, NumpyBackend, init_weights
+
+GRIDS = {  # decode batches, decode positions, prefill lengths, shuffle (slots, positions)
+    "full": ((1, 2, 4, 8, 16, 32), (16, 256, 768), (8, 32, 128, 384), (8, 512)),
+    "quick": ((1, 4, 16), (8, 96, 192), (8, 32, 128), (4, 128)),
+}
+
+
+@dataclass(slots=True)
+class Calibration:
+    shape: ModelShape
+    measured: list[Measured] = field(default_factory=list)
+    lane_overhead_s: float = 0.0
+    copy_bandwidth: float = 0.0  # bytes read + written per second
+    threads: int = 1
+    started: str = ""
+    load: tuple[float, float] = (0.0, 0.0)  # load average before and after
+
+
+def best_median_s(fns: dict, rounds: int, repeats: int, progress: Callable[[], None] | None = None) -> dict:
+    """Each function's best (over rounds) median (over repeats) time; the functions take turns."""
+    best = {key: float("inf") for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            fn()  # untimed: caches, and the previous point's threads going to sleep
+            times = []
+            for _ in range(repeats):
+                begin = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - begin)
+            best[key] = min(best[key], statistics.median(times))
+            if progress:
+                progress()
+    return best
+
+
+def lane_overhead_s(vocab_size: int, repeats: int = 300) -> float:
+    """The engine's host work for one lane: its Lane, and sampling its token from [V] logits."""
+    state = RequestState.start(Request(0, 0.0, (1,), 10**9))
+    logits = np.random.default_rng(0).standard_normal(vocab_size).astype(np.float32)
+    blocks, tokens = np.array([0]), np.array([1])
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        Lane.of(blocks, tokens, 0)
+        state.accept(logits, 0.0)
+    return (time.perf_counter() - begin) / repeats
+
+
+def measure(shape: ModelShape, grid: str = "full", rounds: int = 2, repeats: int = 5,
+            progress: Callable[[], None] | None = None) -> Calibration:  # fmt: skip
+    """Time the NumPy backend (batch-invariant kernels, random weights) on this machine."""
+    batches, positions, prompts, (moved, move_len) = GRIDS[grid]
+    config = shape.config
+    if max(positions) + 1 > config.n_ctx or max(prompts) > config.n_ctx or move_len > config.n_ctx:
+        raise ValueError(f"calibration positions up to {max(positions)} need a context of more than {config.n_ctx}")
+    calibration = Calibration(shape, threads=numba.get_num_threads(), load=(os.getloadavg()[0], 0.0),
+                              started=datetime.datetime.now().isoformat(timespec="minutes"))  # fmt: skip
+    backend = NumpyBackend(config, init_weights(config, seed=0), max(max(batches), 2 * moved))
+    points: dict[tuple[str, int, int], Callable[[], object]] = {}
+    for b in batches:
+        for p in positions:
+            lanes = [Lane.of(backend.slot_blocks(s), [1], p) for s in range(b)]
+            points[("decode", b, p)] = lambda lanes=lanes: backend.step(lanes)
+    for n in prompts:
+        lane = Lane.of(backend.slot_blocks(0), np.arange(n) % config.vocab_size, 0)
+        points[("prefill", 1, n)] = lambda lane=lane: backend.step([lane])
+    src, dst = np.arange(moved), np.arange(moved, 2 * moved)
+    points[("move", moved, move_len)] = lambda: backend.move(src, dst, np.full(moved, move_len))
+    best = best_median_s(points, rounds, repeats, progress)
+    for (kind, b, p), seconds in best.items():
+        if kind == "decode":
+            calibration.measured.append(Measured(kind, StepShape.decode(b, p), seconds))
+        elif kind == "prefill":
+            calibration.measured.append(Measured(kind, StepShape.prefill(p), seconds))
+    move_bytes = moved * move_len * 2 * config.n_layer * config.n_embd * 4  # K and V of every layer, fp32
+    calibration.copy_bandwidth = 2 * move_bytes / best[("move", moved, move_len)]
+    calibration.lane_overhead_s = lane_overhead_s(config.vocab_size)
+    calibration.load = (calibration.load[0], os.getloadavg()[0])
+    return calibration
+
+
+def memory_gb() -> float:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def device_record(calibration: Calibration, fit: CpuFit, name: str = "cpu") -> dict:
+    """The device file's contents: the fitted figures, each with its source, and the measurements."""
+    c = calibration
+    how = (f"flover calibrate on {cpu_name()} ({os.cpu_count()} cores, {c.threads} Numba threads), {c.started}, "
+           f"model shape {c.shape.name}, NumPy backend with batch-invariant kernels, fp32")  # fmt: skip
+    fitted = f"fitted by {how}"
+    peak = max(fit.matmul_rate, fit.attention_rate)
+    errors = fit.errors(c.measured)
+    figures = {
+        "memory_gb": (round(memory_gb(), 1), "MemTotal in /proc/meminfo when calibrated"),
+        "memory_bandwidth_gb_s": (fit.bandwidth / 1e9, f"{fitted}: the bandwidth the kernels reach (efficiency 1)"),
+        "bandwidth_efficiency": (1.0, "the fitted bandwidth is already what the kernels reach"),
+        "peak_tflops_fp32": (peak / 1e12, f"{fitted}: the faster of the matmul and attention rates"),
+        "compute_efficiency": (fit.matmul_rate / peak, f"{fitted}: the matmuls' rate over the peak"),
+        "attention_efficiency": (fit.attention_rate / peak, f"{fitted}: the attention op's rate over the peak"),
+        "overlap": (fit.overlap, f"{fitted}: the best of 0, 0.1, ..., 1"),
+        "layer_overhead_s": (fit.layer_overhead_s, f"{fitted}: fixed cost per layer and step (thread wake-ups, calls)"),
+        "lane_overhead_s": (c.lane_overhead_s, f"measured by {how}: a Lane and a greedy sample from [V] logits"),
+        "copy_bandwidth_gb_s": (c.copy_bandwidth / 1e9, f"measured by {how}: a memory shuffle's copies"),
+    }
+    return {
+        "name": name, "kind": "cpu", "dtype": "fp32", "description": f"{cpu_name()}, {os.cpu_count()} cores (calibrated)",
+        "figures": {k: {"value": float(f"{v:.6g}"), "source": s} for k, (v, s) in figures.items()},
+        "notes": [
+            f"Calibrated {c.started}; load average {c.load[0]:.1f} before and {c.load[1]:.1f} after. Figures from a "
+            "shared or busy machine are noisy: run `flover calibrate` again on a quiet one before trusting them.",
+            f"Fit error over {len(errors)} steps: median {np.median(np.abs(errors)):.1%}, worst {np.abs(errors).max():.1%}.",
+            *[f"The {name} did not show in the steps of {c.shape.name}: left at its floor." for name in fit.unmeasured()],
+        ],
+        "measurements": [
+            {"kind": m.kind, "rows": m.shape.rows, "lanes": m.shape.lanes, "cached": m.shape.cached,
+             "measured_s": float(f"{m.seconds:.6g}"), "modelled_s": float(f"{p:.6g}")}
+            for m, p in zip(c.measured, fit.modelled)
+        ],  # fmt: skip
+    }
+
+
+def calibrate(shape: ModelShape, grid: str = "full", rounds: int = 2, progress=None) -> tuple[Calibration, CpuFit]:
+    calibration = measure(shape, grid, rounds, progress=progress)
+    return calibration, fit_cpu(shape, calibration.measured)

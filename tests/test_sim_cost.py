@@ -1,0 +1,122 @@
+"""The cost model's terms on cases worked by hand, the device files, and the fits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flover.engine import Request
+from flover.runner import PolicyConfig
+from flover.sim.cost import CostModel, StepShape, Work, head_work, layer_work
+from flover.sim.device import DEVICES, device_from_record, load_device
+from flover.sim.fit import PUBLISHED, Measured, fit_cpu, fit_layer_overhead, request_steps
+from flover.sim.run import Plan, simulate
+from flover.sim.shapes import ModelShape, model_shape
+from reference import GPTConfig, Lane
+
+# C = 4, d_mlp = 8, V = 10: small enough to count every byte by hand
+TOY = ModelShape("toy", GPTConfig(n_layer=2, n_head=2, n_embd=4, vocab_size=10, n_ctx=32, n_inner=8))
+
+
+def toy_device(**figures) -> dict:
+    base = {"memory_gb": 1, "memory_bandwidth_gb_s": 1, "bandwidth_efficiency": 1, "compute_efficiency": 1,
+            "overlap": 1, "layer_overhead_s": 0, "peak_tflops_fp16": 1e-3, "gpus_per_node": 8, "nvlink_gb_s": 200,
+            "nvlink_latency_s": 1e-6, "infiniband_gb_s": 10, "infiniband_latency_s": 5e-6}  # fmt: skip
+    base.update(figures)
+    return {"name": "toy", "kind": "gpu", "dtype": "fp16",
+            "figures": {k: {"value": v, "source": "a test"} for k, v in base.items()}}  # fmt: skip
+
+
+def test_step_shape_counts_rows_lanes_cache_and_attention():
+    lanes = [Lane.of([0], [5], 3), Lane.of([1], [1, 2, 3], 0)]  # a decode at position 3, a prefill of 3
+    s = StepShape.of(lanes)
+    assert (s.rows, s.lanes, s.cached) == (4, 2, 4 + 3)
+    assert s.attended == 4 + (1 + 2 + 3)  # the decode attends over 4 positions; the prompt's rows over 1, 2, 3
+
+
+def test_layer_ops_bytes_and_flops_by_hand():
+    ops = layer_work(TOY, StepShape.decode(1, 3), tp=1, value_bytes=2)  # one row, 4 cached positions
+    assert ops["qkv"] == Work(2 * (3 * 16 + (4 + 12)), 2 * 4 * 12)  # weights C x 3C, row in and out
+    assert ops["attention"] == Work(2 * 2 * 4 * (4 + 2), 4 * 4 * 4)  # K and V of 4 positions, new K, V, q, out
+    assert ops["attention_out"] == Work(2 * (16 + 8), 2 * 16)
+    assert ops["mlp_in"] == Work(2 * (32 + 12), 2 * 32)
+    assert ops["mlp_out"] == Work(2 * (32 + 12), 2 * 32)
+    assert head_work(TOY, StepShape.decode(1, 3), 1, 2) == Work(2 * (40 + 4 + (8 + 10)), 2 * 40)
+    half = layer_work(TOY, StepShape.decode(1, 3), tp=2, value_bytes=2)
+    assert half["mlp_out"] == Work(2 * (16 + (4 + 4)), 32)  # row parallel: half the weights, the whole output
+
+
+def test_roofline_takes_the_longer_term_and_without_overlap_their_sum():
+    memory_bound = Work(bytes=3e9, flops=1e9)  # 3 s of memory at 1 GB/s, 1 s of math at 1 TFLOP/s
+    for overlap, expected in ((1.0, 3.0), (0.0, 4.0), (0.5, 3.5)):
+        cost = CostModel(device_from_record(toy_device(overlap=overlap, peak_tflops_fp16=1e-3)), TOY)
+        assert cost.op_s(memory_bound, 1e9) == pytest.approx(expected)
+        assert cost.op_s(memory_bound, 1e9, share=2) == pytest.approx(2 * expected)
+
+
+def test_a_step_is_layers_times_ops_plus_head_plus_fixed_costs():
+    device = device_from_record(toy_device(layer_overhead_s=1e-3, lane_overhead_s=1e-4))
+    cost, s = CostModel(device, TOY), StepShape.decode(3, 5)
+    rate = 1e9  # 1 TFLOP/s x efficiency 1 in the toy's units is 1e9 FLOP/s after the 1e-3 TFLOPS
+    layer = sum(max(w.bytes / 1e9, w.flops / rate) for w in layer_work(TOY, s, 1, 2).values())
+    head = head_work(TOY, s, 1, 2)
+    expected = 2 * layer + max(head.bytes / 1e9, head.flops / rate) + 2 * 1e-3 + 3 * 1e-4
+    assert cost.shape_s(s) == pytest.approx(expected)
+    assert cost.shape_s(s, share=2) == pytest.approx(2 * (expected - 2e-3 - 3e-4) + 2e-3 + 3e-4)  # overheads unshared
+
+
+def test_ring_all_reduce_within_a_node_and_across_nodes():
+    one_node = CostModel(device_from_record(toy_device()), TOY, tp=2)
+    # 2 ranks: 2(N-1) = 2 hops of 1 us; 2(N-1)/N = 1 x the bytes at 100 GB/s (half of NVLink's 200 both ways)
+    assert one_node.all_reduce_s(1e6) == pytest.approx(2e-6 + 1e6 / 100e9)
+    assert one_node.all_gather_s(1e6) == pytest.approx(1e-6 + 0.5e6 / 100e9)
+    across = CostModel(device_from_record(toy_device()), TOY, tp=2, nodes=2)  # InfiniBand: 10 GB/s, 5 us a hop
+    assert across.all_reduce_s(1e6) == pytest.approx(2 * 5e-6 + 1e6 / 10e9)
+    s = StepShape.decode(1, 0)
+    per_layer = 2 * across.all_reduce_s(4 * 2)  # one row of C = 4 fp16 values, twice a layer
+    assert across.communication_s(s) == pytest.approx(2 * per_layer + across.all_gather_s(10 * 2))
+    assert CostModel(device_from_record(toy_device()), TOY).communication_s(s) == 0
+
+
+def test_the_shuffle_is_priced_by_the_bytes_it_reads_and_writes():
+    cost = CostModel(device_from_record(toy_device(copy_bandwidth_gb_s=2)), TOY)
+    per_position = 2 * 2 * 4 * 2  # K and V, 2 layers, C = 4, fp16
+    assert cost.move_s([3, 5]) == pytest.approx(2 * 8 * per_position / 2e9)
+
+
+def test_one_request_alone_takes_the_sum_of_its_steps():
+    device = load_device("a100-80gb")
+    plan = Plan(device, model_shape("gptj-6b"))
+    run = simulate(plan, PolicyConfig("serial"), [Request(0, 0.5, tuple(range(8)), 20)])
+    steps = sum(plan.cost().shape_s(s) for s in request_steps(8, 20))
+    (result,) = run.results
+    assert result.finish_s - result.arrival_s == pytest.approx(steps)
+
+
+@pytest.mark.parametrize("name", ["a100-40gb", "a100-80gb", "h100-sxm", "h200"])
+def test_gpu_files_cite_their_sources_and_fit_only_the_published_request(name):
+    device = load_device(name)
+    record = json.loads((DEVICES / f"{name}.json").read_text())
+    assert all(entry["source"].strip() for entry in record["figures"].values())
+    assert "datasheet" in device.sources["memory_bandwidth_gb_s"]
+    # the only fitted figure is the a100-80gb's fit of the published request, kept on every GPU
+    assert device.figure("layer_overhead_s") == pytest.approx(fit_layer_overhead(load_device("a100-80gb")), rel=1e-3)
+    if name == "a100-80gb":
+        plan = Plan(device, model_shape(PUBLISHED.model))
+        alone = sum(plan.cost().shape_s(s) for s in request_steps(PUBLISHED.prompt_tokens, PUBLISHED.new_tokens))
+        assert alone == pytest.approx(PUBLISHED.seconds, rel=1e-3)
+
+
+def test_cpu_fit_recovers_the_figures_it_was_generated_from():
+    truth = device_from_record({**toy_device(memory_bandwidth_gb_s=20, peak_tflops_fp32=0.2, overlap=0.3,
+                                             layer_overhead_s=2e-4), "dtype": "fp32", "kind": "cpu"})  # fmt: skip
+    shape = model_shape("gpt2")
+    cost = CostModel(truth, shape)
+    steps = [StepShape.decode(b, p) for b in (1, 4, 16, 64) for p in (16, 256, 768)]
+    steps += [StepShape.prefill(n) for n in (8, 64, 256)]
+    fit = fit_cpu(shape, [Measured("step", s, cost.shape_s(s)) for s in steps])
+    assert fit.overlap == pytest.approx(0.3)
+    assert fit.bandwidth == pytest.approx(20e9, rel=1e-3)
+    assert fit.matmul_rate == pytest.approx(0.2e12, rel=1e-3)
+    assert fit.layer_overhead_s == pytest.approx(2e-4, rel=1e-3)
