@@ -94,6 +94,19 @@ def test_chunked_steps_hold_at_most_the_budget_with_decodes_first(small_model, t
         assert all(n == 1 for n in sizes[:first_chunk]), "decodes first"
 
 
+class ShortestPromptFirst(FusedScheduler):
+    """Admission in another order than arrival: the shortest waiting prompt first."""
+
+    def admit(self, waiting, running, memory, now):
+        return super().admit(sorted(waiting, key=lambda s: len(s.ids)), running, memory, now)
+
+
+@settings(max_examples=20)
+@given(trace=traces(SMALL.vocab_size, SMALL.n_ctx, max_requests=6, max_arrival=2))
+def test_a_scheduler_may_admit_out_of_arrival_order(make_backend, trace):
+    check_scheduler(ShortestPromptFirst(), lambda: SlotLayout(SMALL, 2), make_backend, trace)
+
+
 class OnePrefillPerIteration(Scheduler):
     """The example of ``flover.engine.scheduler``'s docstring."""
 
@@ -102,8 +115,8 @@ class OnePrefillPerIteration(Scheduler):
     def admit(self, waiting, running, memory, now):
         if waiting and memory.can_admit(waiting[0]):
             memory.admit(waiting[0])
-            return 1
-        return 0
+            return [waiting[0]]
+        return []
 
     def steps(self, running):
         for state in [s for s in running if s.uncached > 1]:
@@ -121,8 +134,6 @@ class ForgetsTheLastRequest(FusedScheduler):
     """Broken on purpose: never admits request 3."""
 
     def admit(self, waiting, running, memory, now):
-        if waiting and waiting[0].request.id == 3:
-            return 0
         return super().admit([s for s in waiting if s.request.id != 3][:1], running, memory, now)
 
 

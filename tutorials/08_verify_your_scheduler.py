@@ -307,9 +307,9 @@ print("round_robin (above) and the fused engine: tokens equal serial decoding on
 # and a policy is a subclass of `flover.engine.Scheduler` that answers two
 # questions each iteration:
 #
-# - `admit(waiting, running, memory, now) -> int`: how many requests from
-#   the front of the queue to bring into KV memory (`memory.can_admit`,
-#   `memory.admit`); by default, as many as fit;
+# - `admit(waiting, running, memory, now)`: which waiting requests to bring
+#   into KV memory (`memory.can_admit`, `memory.admit`), returned as a list;
+#   by default, from the front of the queue, as many as fit;
 # - `steps(running)`: what to compute, as a sequence of steps, each a list
 #   of `(request, n)`: feed the request's next `n` uncached tokens (its whole
 #   prompt, a chunk of it, or the one token it sampled last).
@@ -389,9 +389,8 @@ assert caught is not None and "logits differ" in str(caught)
 #
 # - Write a shortest-job-first scheduler in the style of `round_robin`
 #   (admit the waiting request with the smallest `max_new_tokens` first) and
-#   run `check_tokens` on it. (The engine's `admit` takes requests from the
-#   front of its first-come queue, so there it would need a queue of its
-#   own.)
+#   run `check_tokens` on it; then write it as a `Scheduler` whose `admit`
+#   picks from `waiting` in that order, and run `check_scheduler` on it.
 # - Make `RoundRobin` decode all its in-flight requests in one step (you
 #   will have rebuilt temporal fusion, `FusedScheduler`), or feed prompts in
 #   chunks of a few tokens beside the decodes, and check it again; try a

@@ -79,8 +79,8 @@ class Engine:
         """One iteration of the loop at time ``now``; False when nothing could run (the caller waits)."""
         self.waiting.extend(RequestState.start(r, self.keep_logits) for r in arrived)
         self._drop_cancelled()
-        for _ in range(self.scheduler.admit(self.waiting, self.running, self.memory, now) if self.waiting else 0):
-            state = self.waiting.popleft()
+        for state in self.scheduler.admit(self.waiting, self.running, self.memory, now) if self.waiting else ():
+            self.waiting.remove(state)
             state.admitted_s = now if np.isnan(state.admitted_s) else state.admitted_s
             self.running.append(state)
         if not self.running:

@@ -3,9 +3,9 @@
 The engine loop (``flover.engine.loop``) is the same for every policy; a
 scheduler answers two questions each iteration:
 
-- ``admit``: which of the waiting requests (first come, first served) to
-  bring into KV memory now: it reserves their memory (``memory.admit``) and
-  returns how many it took from the front of the queue;
+- ``admit``: which of the waiting requests to bring into KV memory now: it
+  reserves their memory (``memory.admit``) and returns them (by default the
+  longest waiting first, as many as fit: first come, first served);
 - ``steps``: what to compute, as a sequence of steps, each a list of
   ``(request, tokens)``: the request's next ``tokens`` uncached ids (its
   whole prompt, a chunk of it, or the one token it sampled last).
@@ -20,8 +20,8 @@ iteration::
         def admit(self, waiting, running, memory, now):
             if waiting and memory.can_admit(waiting[0]):
                 memory.admit(waiting[0])
-                return 1
-            return 0
+                return [waiting[0]]
+            return []
 
         def steps(self, running):
             for state in [s for s in running if s.uncached > 1]:
@@ -49,13 +49,19 @@ class Scheduler:
     returns_whole_batch = False  # hand results back only when the running set empties (dynamic batching)
 
     def admit(self, waiting: Sequence[RequestState], running: Sequence[RequestState], memory: KVLayout,
-              now: float) -> int:  # fmt: skip
-        """Reserve memory for requests from the front of ``waiting``; -> how many. By default: as many as fit."""
-        n = 0
-        while n < len(waiting) and memory.can_admit(waiting[n]) and self._room(running, n):
-            memory.admit(waiting[n])  # reserved now, so the next one sees what is left
-            n += 1
-        return n
+              now: float) -> list[RequestState]:  # fmt: skip
+        """Reserve memory for some of ``waiting`` (``memory.admit``) and return them.
+
+        By default: from the front of the queue, as many as fit; the first
+        that does not fit stops the rest, so nobody is overtaken.
+        """
+        admitted: list[RequestState] = []
+        for state in waiting:
+            if not (memory.can_admit(state) and self._room(running, len(admitted))):
+                break
+            memory.admit(state)  # reserved now, so the next one sees what is left
+            admitted.append(state)
+        return admitted
 
     def _room(self, running: Sequence[RequestState], n: int) -> bool:
         return True
@@ -130,11 +136,11 @@ class DynamicScheduler(FusedScheduler):
         super().__init__("alone")
         self.max_batch, self.queue_delay_s = max_batch, queue_delay_s
 
-    def admit(self, waiting, running, memory, now) -> int:
+    def admit(self, waiting, running, memory, now) -> list[RequestState]:
         if running or not waiting:
-            return 0
+            return []
         if len(waiting) < self.max_batch and now < waiting[0].request.arrival_s + self.queue_delay_s:
-            return 0  # the batch is still open
+            return []  # the batch is still open
         return super().admit(waiting, running, memory, now)
 
     def _room(self, running: Sequence[RequestState], n: int) -> bool:
