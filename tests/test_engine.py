@@ -211,3 +211,9 @@ def test_a_live_engine_serves_requests_submitted_while_it_runs_and_drops_the_can
     full = LiveEngine(Engine(NumpyBackend(*small_model, 1), FusedScheduler(), SlotLayout(SMALL, 1)), max_waiting=0)
     with pytest.raises(QueueFull, match="the bound --max-waiting is 0"):
         full.submit(Request("x", 0.0, (1,), 1))
+
+
+def test_an_instance_that_fails_is_reported_not_waited_for(small_model):
+    factory = BackendFactory("no-such-backend", *small_model)
+    with pytest.raises(RuntimeError, match=r"model instance \d failed:(.|\n)*unknown backend 'no-such-backend'"):
+        run_policy(PolicyConfig("instances", instances=2), factory, burst((2, 2)), clock=WallClock())

@@ -9,11 +9,11 @@ virtual clock they are simulated one after another on forked clocks.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import queue
-import traceback
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
+from multiprocessing.connection import Pipe, wait
 
 import numpy as np
 
@@ -58,64 +58,51 @@ def _on_instance(result: RequestResult, i: int) -> RequestResult:
     return RequestResult(**{**{f: getattr(result, f) for f in result.__slots__}, "instance": i})
 
 
-def _instance_main(i: int, make_backend, threads: int, keep_logits: bool, inbox, outbox) -> None:
-    """One instance process: build its own backend, say ready, then serve what the router sends until None."""
-    try:
-        import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        backend = make_backend(1)
-        backend.threads = threads
-        from flover.runner import warm_up
-
-        warm_up(backend)
-        outbox.put(("ready", i, None))
-        while (message := inbox.get()) is not None:
-            request, start = message
-            engine = serial_engine(backend, WallClock(start), keep_logits)
-            (result,) = engine.run([request])
-            outbox.put(("done", i, (result, engine.stats.steps)))
-    except BaseException:  # reported to the router, which raises it
-        outbox.put(("error", i, traceback.format_exc()))
-
-
 class InstanceProcesses:
-    """N instance processes on the wall clock, started (weights built, kernels warm) before the clock starts."""
+    """N instance processes on the wall clock, started (weights built, kernels warm) before the clock starts.
+
+    Each is a fresh interpreter (``python -m flover.engine.instance_worker FD``) that
+    talks to the router over a pipe: no OpenMP threads are inherited across a
+    fork, and, unlike multiprocessing's spawn, the caller's script is not run
+    again in the child, so a plain script or a lesson may use instances too.
+    """
 
     def __init__(self, make_backend, n: int, keep_logits: bool = False, threads: int | None = None) -> None:
-        context = mp.get_context("spawn")  # a fresh interpreter: no OpenMP threads inherited across a fork
         self.threads = threads or max(1, (os.cpu_count() or 1) // n)
-        self.outbox = context.Queue()
-        self.inboxes = [context.Queue() for _ in range(n)]
-        self.processes = [
-            context.Process(target=_instance_main, args=(i, make_backend, self.threads, keep_logits, inbox, self.outbox),
-                            daemon=True)
-            for i, inbox in enumerate(self.inboxes)
-        ]  # fmt: skip
-        for p in self.processes:
-            p.start()
-        ready = 0
-        while ready < n:
-            kind, _, _ = self._next(timeout=None)
-            ready += kind == "ready"
+        self.conns, self.processes = [], []
+        env = {**os.environ, "NUMBA_NUM_THREADS": str(self.threads), "OMP_NUM_THREADS": str(self.threads)}
+        for _ in range(n):
+            ours, theirs = Pipe()
+            self.processes.append(subprocess.Popen([sys.executable, "-m", "flover.engine.instance_worker", str(theirs.fileno())],
+                                                   pass_fds=[theirs.fileno()], env=env))  # fmt: skip
+            theirs.close()
+            self.conns.append(ours)
+        try:
+            for conn in self.conns:
+                conn.send((make_backend, self.threads, keep_logits))
+            for _ in range(n):
+                while self._next(timeout=None)[0] != "ready":
+                    pass
+        except BaseException:
+            self.close()
+            raise
 
     def _next(self, timeout: float | None):
-        """The next message from an instance; raises if one failed or died."""
-        while True:
+        """(kind, instance, body) of the next message from any instance, or (None, None, None) after ``timeout``;
+        raises if an instance failed or died."""
+        for conn in wait(self.conns, timeout):
+            i = self.conns.index(conn)
             try:
-                kind, i, body = self.outbox.get(timeout=0.5 if timeout is None else timeout)
-            except queue.Empty:
-                dead = [p.exitcode for p in self.processes if not p.is_alive()]
-                if dead:
-                    self.close()
-                    raise RuntimeError(f"a model instance process died (exit code {dead[0]})") from None
-                if timeout is not None:
-                    return None, None, None
-                continue
+                kind, body = conn.recv()
+            except EOFError:
+                code = self.processes[i].wait()
+                self.close()
+                raise RuntimeError(f"model instance {i} exited (code {code}) before it finished its requests") from None
             if kind == "error":
                 self.close()
                 raise RuntimeError(f"model instance {i} failed:\n{body}")
             return kind, i, body
+        return None, None, None
 
     def run(self, requests: Sequence[Request], clock: WallClock,
             on_finish: Finish = None) -> Served:  # fmt: skip
@@ -134,22 +121,28 @@ class InstanceProcesses:
             return kind is not None
 
         for request in sorted(requests, key=lambda r: r.arrival_s):
-            while (wait := request.arrival_s - clock.now()) > 0:
-                receive(timeout=min(wait, 0.05))  # results keep the router's counts current while it waits
-            while receive(timeout=0.001):
+            while (wait_s := request.arrival_s - clock.now()) > 0:
+                receive(timeout=min(wait_s, 0.05))  # results keep the router's counts current while it waits
+            while receive(timeout=0):
                 pass
             i = int(np.argmin(outstanding))
             outstanding[i] += 1
-            self.inboxes[i].put((request, clock.start))
+            self.conns[i].send((request, clock.start))
         while len(done) < len(requests):
             receive(timeout=None)
         return done, stats
 
     def close(self) -> None:
-        for inbox, p in zip(self.inboxes, self.processes):
-            if p.is_alive():
-                inbox.put(None)
-        for p in self.processes:
-            p.join(timeout=5)
-            if p.is_alive():
+        for conn, p in zip(self.conns, self.processes):
+            if p.poll() is None:
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+        for conn, p in zip(self.conns, self.processes):
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+            conn.close()
