@@ -109,6 +109,6 @@ def check_move(src: np.ndarray, dst: np.ndarray, n_blocks: int) -> None:
         raise ValueError(f"move needs as many sources as destinations, got {src.shape} and {dst.shape}")
     for name, ids in (("source", src), ("destination", dst)):
         if ids.size and (ids.min() < 0 or ids.max() >= n_blocks):
-            raise ValueError(f"{name} slot out of range 0..{n_blocks - 1}: {ids.tolist()}")
+            raise ValueError(f"{name} block out of range 0..{n_blocks - 1}: {ids.tolist()}")
     if len(set(dst.tolist())) != dst.size or set(src.tolist()) & set(dst.tolist()):
         raise ValueError(f"move destinations {dst.tolist()} must be distinct holes, not sources {src.tolist()}")

@@ -291,7 +291,7 @@ def bad_moves(kv: KVShape) -> list[tuple[tuple[list[int], ...], str]]:
     n = kv.block_size
     return [
         (([0], [0], [1]), r"move destinations \[0\] must be distinct holes, not sources \[0\]"),
-        (([0], [2], [1]), r"destination slot out of range 0\.\.1: \[2\]"),
+        (([0], [2], [1]), r"destination block out of range 0\.\.1: \[2\]"),
         (([0, 1], [1], [1]), r"as many sources as destinations"),
         (([0], [1], [n + 1]), rf"move lengths must be one per pair in 0\.\.{n}, got \[{n + 1}\]"),
     ]

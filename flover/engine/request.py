@@ -106,5 +106,6 @@ class RequestResult:
                    finish_reason or state.finish_reason)  # fmt: skip
 
     def as_json(self) -> dict:
-        return {"id": self.id, "tokens": self.tokens, "arrival_s": self.arrival_s,
-                "first_token_s": self.first_token_s, "finish_s": self.finish_s}  # fmt: skip
+        return {"id": self.id, "tokens": self.tokens, "arrival_s": self.arrival_s, "admitted_s": self.admitted_s,
+                "first_token_s": self.first_token_s, "finish_s": self.finish_s,
+                "finish_reason": self.finish_reason}  # fmt: skip
