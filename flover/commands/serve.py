@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--policy", choices=SERVED_POLICIES, default="fused")
     add_policy_flags(p)
     p.add_argument("--max-waiting", type=int, default=256,
-                   help="requests that may wait for KV memory; one more gets HTTP 429 at once")
+                   help="accepted requests not yet in KV memory (a burst waits there for the next iteration); "
+                        "one more gets HTTP 429 at once")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds a stop waits for accepted requests before it cancels them")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
@@ -43,8 +44,8 @@ def run(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    if args.max_waiting < 0:
-        raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.max_waiting < 1:  # every request waits until the next iteration: 0 would refuse them all
+        raise ValueError(f"--max-waiting must be >= 1, got {args.max_waiting}")
     if not args.shutdown_timeout >= 0:
         raise ValueError(f"--shutdown-timeout must be >= 0 s, got {args.shutdown_timeout}")
     model = args.model or default_model()
