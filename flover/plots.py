@@ -29,16 +29,17 @@ def timeline(run: RunResult, path: Path, note: str = "") -> Path:
     top.set_title((f"{note}\n" if note else "") + f"{run.config.label}: {len(results)} requests")
     top.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for _, c in PHASES],
                labels=[name for name, _ in PHASES], loc="upper left", fontsize=8)  # fmt: skip
-    steps = sorted(run.stats.steps, key=lambda s: s.start_s)
-    if steps:
+    steps = sorted((s for s in run.stats.steps if s.rows > s.prefill_rows + s.idle_rows), key=lambda s: s.start_s)
+    if steps:  # the decode steps: a prompt alone is a step of one request and would read as a dip
         times = [s.start_s for s in steps] + [steps[-1].end_s]
-        bottom.step(times, [s.batch for s in steps] + [steps[-1].batch], where="post", color="#4e79a7", label="requests")
+        decoding = [s.rows - s.prefill_rows - s.idle_rows for s in steps]
+        bottom.step(times, decoding + decoding[-1:], where="post", color="#4e79a7", label="requests decoding")
         if any(s.idle_rows for s in steps):
-            lanes = [s.batch + s.idle_rows for s in steps]
+            lanes = [d + s.idle_rows for d, s in zip(decoding, steps)]
             bottom.step(times, lanes + lanes[-1:], where="post", color="#e15759", alpha=0.6,
                         label="lanes computed, idle ones too")  # fmt: skip
             bottom.legend(fontsize=8, loc="upper right")
-    bottom.set_ylabel("batch per step")
+    bottom.set_ylabel("decode batch")
     bottom.set_xlabel("time (s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
