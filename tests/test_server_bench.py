@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,7 @@ from flover.runner import PolicyConfig
 from flover.server.local import serve_in_thread
 from flover.slo import parse_goodput
 
+ROOT = Path(__file__).resolve().parent.parent
 TRACE = ["--requests", "12", "--rate", "200", "--prompt-len", "4:12", "--output-len", "4:16", "--seed", "3", "--quiet"]
 
 
@@ -57,3 +61,11 @@ def test_goodput_objectives_are_checked(items, words):
         return
     with pytest.raises(ValueError, match=words):
         parse_goodput(items)
+
+
+def test_the_serving_http_benchmark_runs_quick():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving_http.py"), "--quick"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| fused (slots 8) over HTTP |" in done.stdout
+    assert "token-identical, every run against the in-process one: yes" in done.stdout
