@@ -253,3 +253,24 @@ def test_models_health_metrics_and_the_openapi_document(server):
     assert "/v1/completions" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
     r = httpx.get(f"{server.url}/nowhere")
     assert r.status_code == 404 and "error" in r.json()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the engine's thread dies
+def test_an_engine_that_fails_answers_its_streams_and_later_requests_with_an_error(monkeypatch):
+    with serve_in_thread(policy=PolicyConfig("fused", slots=2)) as server:
+        backend = server.service.engine.backend
+        step, steps = backend.step, iter(range(10**9))
+
+        def failing_step(lanes):
+            if next(steps) == 5:
+                raise RuntimeError("a secret detail")
+            return step(lanes)
+
+        monkeypatch.setattr(backend, "step", failing_step)
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "a", "max_tokens": 50, "stream": True})
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert json.loads(events[-2])["error"]["code"] == "engine_failed" and events[-1] == "[DONE]"
+        assert "secret" not in r.text
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "a", "max_tokens": 4})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed"
+        assert httpx.get(f"{server.url}/health").status_code == 503
