@@ -46,10 +46,13 @@ def test_bench_over_http_reports_refused_requests_apart_and_exits_1(capsys):
     assert out.count("failed: HTTP 429: the server is full") == min(failed, 5), "the first five failures, named"
 
 
-def test_bench_over_http_names_an_unreachable_server_in_one_line(capsys):
+def test_bench_over_http_names_an_unreachable_server_or_a_policy_flag_in_one_line(capsys):
     assert main(["bench", *TRACE, "--url", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot reach http://127.0.0.1:9" in err
+    assert main(["bench", *TRACE, "--url", "http://127.0.0.1:9", "--policy", "all"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the server's policy" in err and "drop --policy all" in err
 
 
 @pytest.mark.parametrize("items, words", [(["ttft:500", "tpot:50"], None), (["itl:5"], "one of ttft, tpot, e2el"),

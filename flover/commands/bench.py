@@ -100,6 +100,9 @@ def run_http(args, requests, slo: dict[str, float]) -> int:
     from flover.http_run import http_run
     from flover.loadgen import served_model
 
+    if args.policy != "fused" or args.tp:
+        raise ValueError("with --url the server's policy and ranks serve the trace (flover serve --policy, --tp); "
+                         f"drop {'--tp' if args.tp else '--policy ' + args.policy}")  # fmt: skip
     model = args.served_model or served_model(args.url)
     with tqdm(total=len(requests), desc=args.url, unit="req", disable=True if args.quiet else None, leave=False) as bar:
         run_, failures = http_run(args.url, requests, model, slo, args.timeout, on_finish=lambda _: bar.update())
