@@ -54,9 +54,9 @@ class ClientResult:
         return self.error is None
 
     def as_json(self) -> dict:
-        return {"id": self.id, "tokens": self.tokens, "arrival_s": self.arrival_s, "first_token_s": self.first_token_s,
-                "finish_s": self.finish_s, "finish_reason": self.finish_reason, "status": self.status,
-                "error": self.error}  # fmt: skip
+        return {"id": self.id, "tokens": self.tokens, "arrival_s": self.arrival_s, "admitted_s": self.admitted_s,
+                "first_token_s": self.first_token_s, "finish_s": self.finish_s, "finish_reason": self.finish_reason,
+                "status": self.status, "error": self.error}  # fmt: skip
 
 
 def body_of(request: Request, model: str | None) -> dict:
