@@ -142,10 +142,12 @@ def check_trace(config: GPTConfig, requests: Sequence[Request]) -> None:
 
 
 def warm_up(backend: Backend) -> None:
-    """Compile and page in everything a run touches, so no policy pays for it."""
-    config, m = backend.config, backend.kv.blocks_per_slot(backend.config)
+    """Compile and page in everything a run touches, so no policy pays for it: a prompt of 4 tokens,
+    then a decode step of one lane and of two (each lane in blocks of its own)."""
+    config, kv = backend.config, backend.kv
     tokens = np.arange(4) % config.vocab_size
-    lanes = [Lane.of(np.arange(s * m, (s + 1) * m), tokens, 0) for s in range(min(backend.n_slots, 2))]
+    m = -(-5 // kv.block_size)  # blocks for positions 0..4
+    lanes = [Lane.of(np.arange(i * m, (i + 1) * m), tokens, 0) for i in range(min(kv.n_blocks // m, 2))]
     for lane in lanes:
         backend.step([lane])
     backend.step([Lane.of(lane.blocks, tokens[:1], 4) for lane in lanes])

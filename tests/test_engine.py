@@ -217,3 +217,11 @@ def test_an_instance_that_fails_is_reported_not_waited_for(small_model):
     factory = BackendFactory("no-such-backend", *small_model)
     with pytest.raises(RuntimeError, match=r"model instance \d failed:(.|\n)*unknown backend 'no-such-backend'"):
         run_policy(PolicyConfig("instances", instances=2), factory, burst((2, 2)), clock=WallClock())
+
+
+def test_warm_up_works_on_a_pool_smaller_than_one_slot(small_model):
+    from flover.runner import warm_up
+    from reference import KVShape
+
+    warm_up(NumpyBackend(*small_model, KVShape(n_blocks=2, block_size=4)))  # 8 positions; a slot is 64
+    warm_up(NumpyBackend(*small_model, 1))
