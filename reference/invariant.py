@@ -38,6 +38,9 @@ same sequence of FMAs in any case.
 What never happens: ``fastmath`` beyond ``contract`` (which only fuses a
 multiply and an add into one FMA, in the element-wise kernels), a split of
 K, or an order of operations chosen by the batch size or a row's index.
+
+The kernels release the GIL (``nogil``), so a server's event loop or
+another engine thread keeps running while a step computes.
 """
 
 from __future__ import annotations
@@ -169,7 +172,7 @@ def tile_row(tiles, packed, tile, k):  # pragma: no cover - compiled
     return tiles[tile, k] if packed else tiles[k, tile]
 
 
-@njit(parallel=True, error_model="numpy", cache=True)
+@njit(parallel=True, nogil=True, error_model="numpy", cache=True)
 def matmul_tiles(x, tiles, packed, b):  # pragma: no cover - compiled
     """[B, K] @ tiles + [N_pad] -> [B, N_pad], with ``tiles`` as ``tile_row`` reads them.
 
@@ -210,7 +213,7 @@ def matmul_tiles(x, tiles, packed, b):  # pragma: no cover - compiled
     return out
 
 
-@njit(fastmath={"contract"}, error_model="numpy", cache=True)
+@njit(fastmath={"contract"}, nogil=True, error_model="numpy", cache=True)
 def layer_norm_rows(x, g, b, eps):  # pragma: no cover - compiled
     """Row-wise layer norm: [B, C] -> [B, C], sums taken in ascending order."""
     n_rows, c = x.shape
@@ -250,7 +253,7 @@ def tanh_f32(v):  # pragma: no cover - compiled
     return x * p / q
 
 
-@njit(fastmath={"contract"}, error_model="numpy", cache=True)
+@njit(fastmath={"contract"}, nogil=True, error_model="numpy", cache=True)
 def gelu_rows(x):  # pragma: no cover - compiled
     """GPT-2's tanh GELU, element by element: [B, D] -> [B, D]."""
     n_rows, d = x.shape
@@ -273,7 +276,7 @@ def decode_attention(q, k_cache, v_cache, slots, lengths):
     return attention_rows(q, k_cache, v_cache, slots[:, None], np.arange(len(slots)), np.asarray(lengths, np.int64))
 
 
-@njit(parallel=True, error_model="numpy", cache=True)
+@njit(parallel=True, nogil=True, error_model="numpy", cache=True)
 def attention_rows(q, k_cache, v_cache, block_table, lane, lengths):  # pragma: no cover - compiled
     """Each row's query over its own lane's cached positions, read through the lane's block table.
 
