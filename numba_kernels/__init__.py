@@ -9,15 +9,17 @@ One kernel per file, its versions in the file's header:
 - ``shuffle``: the memory shuffle's copy, every pair and layer in one launch.
 - ``backend``: ``NumbaBackend``, the Backend protocol of ``reference/backend.py`` over them.
 - ``device``: ``require_cuda`` and ``NoCudaError``; ``timing``: GPU time without launch overhead;
-  ``simulator``: a race in Numba's CUDA simulator closed, for CI.
+  ``simulator``: a race in Numba's CUDA simulator closed and its barriers quickened, for CI.
+- ``catalog``, ``inspect``, ``roofline``: every kernel compiled and assembled without a GPU, and priced.
 """
 
 from numba_kernels.backend import NumbaBackend
 from numba_kernels.device import NO_CUDA, NoCudaError, cuda_available, require_cuda, simulated
 
 if simulated():
-    from numba_kernels.simulator import guard_shared_arrays
+    from numba_kernels.simulator import guard_shared_arrays, quick_barriers
 
     guard_shared_arrays()
+    quick_barriers()
 
 __all__ = ["NO_CUDA", "NoCudaError", "NumbaBackend", "cuda_available", "require_cuda"]

@@ -13,10 +13,15 @@ refused at construction; the NumPy backend reads through a block table.
 
 Order of every reduction: a GEMM output element is summed by one thread over
 k ascending, whichever variant dispatch picks; a layer norm is one block per
-row, its size fixed by n_embd; attention is one block per (row, head), its
-size fixed by n_ctx alone (``attention_threads``), scoring positions strided
-by that block size and summing V in groups fixed by it and head_dim. Nothing
-depends on the rows of the launch or the longest lane. So a row's result is a
+row, its size fixed by n_embd; attention (version 2, ``attention_chunked``)
+splits a row's positions into chunks fixed by head_dim and combines them in
+chunk order. Nothing depends on the rows of the launch or the longest lane.
+
+Launches a layer: layer norm, c_attn with the K/V store in its epilogue,
+attention (two kernels), attn_proj adding itself into the residual stream,
+layer norm, c_fc with GELU in its epilogue, mlp_proj adding itself in: 8
+(the first version launched 11). The epilogues give bitwise what the
+separate kernels give (``epilogue.py``). So a row's result is a
 function of its own token, position and cached K and V: a lane's logits do
 not depend on the other lanes of its step, a prompt prefilled in chunks of
 any size gives bitwise the logits of the whole prompt at once, and the last
@@ -36,9 +41,10 @@ import numpy as np
 from numba import cuda
 
 from numba_kernels import elementwise as ew
-from numba_kernels.attention import attention, store_kv
+from numba_kernels.attention_chunked import attention, partials_shape
 from numba_kernels.device import require_cuda, simulated
 from numba_kernels.dispatch import Dispatch
+from numba_kernels.epilogue import GELU, KV, RESIDUAL
 from numba_kernels.shuffle import move_slots
 from reference.backend import LaneBackend
 from reference.config import GPTConfig
@@ -79,6 +85,7 @@ class Workspace:
         self.a = cuda.device_array((rows, c), f32)  # attention output, heads merged
         self.y = cuda.device_array((rows, c), f32)  # a projection, before the residual add
         self.f = cuda.device_array((rows, config.d_mlp), f32)  # MLP hidden
+        self.partials = cuda.device_array(partials_shape(rows, config.n_head, config.n_ctx, config.head_dim), f32)
         self.last = cuda.device_array((lanes, c), f32)  # each lane's last row
         self.logits = cuda.device_array((lanes, config.vocab_size), f32)
 
@@ -116,7 +123,7 @@ class NumbaBackend(LaneBackend):
                 self.work = Workspace(self.config, n, self.kv.n_blocks)
             ints = cuda.to_device(ints)  # [4N + L]: one copy
             tokens, positions, slots, lengths = (ints[i * n : (i + 1) * n] for i in range(4))
-            x = self._layers(tokens, positions, slots, lengths)  # [N, C]
+            x = self._layers(tokens, positions, slots, lengths, int(rows.lengths.max()))  # [N, C]
             return self._logits(ew.take_rows(x, ints[4 * n :], self.work.last[:n_lanes]))
 
     def move(self, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray) -> None:
@@ -128,21 +135,21 @@ class NumbaBackend(LaneBackend):
 
     # ------------------------------------------------------------ on the device
 
-    def _layers(self, tokens, positions, slots, lengths):
+    def _layers(self, tokens, positions, slots, lengths, longest: int):
         """The transformer over N rows, storing each row's K and V in its slot: -> x [N, C] on the device."""
-        n, dw, gemm = len(tokens), self.device_weights, self.dispatch.gemm
+        n, dw, linear = len(tokens), self.device_weights, self.dispatch.linear
         w, eps = self.work, self.config.layer_norm_epsilon
         x, h, qkv, a, y, f = w.x[:n], w.h[:n], w.qkv[:n], w.a[:n], w.y[:n], w.f[:n]
         ew.embed(tokens, positions, dw.wte, dw.wpe, x)  # [N, C]
         for i, block in enumerate(dw.blocks):
             ew.layer_norm(x, block.ln_1.g, block.ln_1.b, eps, h)  # [N, C]
-            gemm(h, block.c_attn.w, block.c_attn.b, qkv)  # [N, C] -> [N, 3C]
-            store_kv(qkv, self.k[i], self.v[i], slots, positions, self.slot_lengths)
-            attention(qkv, self.k[i], self.v[i], slots, lengths, a)  # [N, 3C] -> [N, C]
-            ew.residual_add(x, gemm(a, block.attn_proj.w, block.attn_proj.b, y))  # [N, C]
+            kv = (self.k[i], self.v[i], slots, positions, self.slot_lengths)  # where c_attn's epilogue stores K, V
+            linear(h, block.c_attn.w, block.c_attn.b, qkv, KV, kv)  # [N, C] -> [N, 3C]
+            attention(qkv, self.k[i], self.v[i], slots, lengths, a, w.partials, longest)  # [N, 3C] -> [N, C]
+            linear(a, block.attn_proj.w, block.attn_proj.b, x, RESIDUAL, scratch=y)  # x += a @ w + b: [N, C]
             ew.layer_norm(x, block.ln_2.g, block.ln_2.b, eps, h)  # [N, C]
-            ew.gelu(gemm(h, block.c_fc.w, block.c_fc.b, f), f)  # [N, C] -> [N, 4C]
-            ew.residual_add(x, gemm(f, block.mlp_proj.w, block.mlp_proj.b, y))  # [N, 4C] -> [N, C]
+            linear(h, block.c_fc.w, block.c_fc.b, f, GELU)  # [N, C] -> [N, 4C]
+            linear(f, block.mlp_proj.w, block.mlp_proj.b, x, RESIDUAL, scratch=y)  # [N, 4C] -> [N, C]
         return x
 
     def _logits(self, x) -> np.ndarray:

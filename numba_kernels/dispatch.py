@@ -9,13 +9,20 @@ Lookup for (M, N, K): the entry for exactly that shape; else, for the same
 (N, K), the entry with the largest tuned M not above M (batch sizes between
 two tuned ones take the smaller one's choice); else the default rule:
 
-    M <= 8  ->  gemv, ROWS = M rounded up to a power of two, 64 threads (N / 64
-                blocks spread a narrow layer's columns over many SMs)
+    M <= 8  ->  staged (version 4), 128 threads, strips of BN = 8 columns,
+                ROWS = M rounded up to a power of two, chunks of KC = 512 k
+                (256 from 4 rows, to fit shared memory; less when K is
+                shorter): N / 8 blocks, 16 KB in flight each
     M >  8  ->  tiled, 32 x 32 tiles, BK = 16, 4 x 4 outputs per thread (64
                 threads; small tiles keep many blocks in flight at GPT-2 widths)
 
 Every variant gives bitwise the same result (see ``gemm.py``), so the table
-decides speed only, never a number.
+decides speed only, never a number. (Under the CUDA simulator, where each
+GPU thread is a Python thread, the default staged GEMV has 32 threads, or
+BN x ROWS if more: the same chunks and sums, fewer threads to start.)
+``linear`` runs a GEMM with its
+epilogue (``epilogue.py``): in the same launch when the chosen variant fuses
+it, else as the separate kernels; bitwise the same either way.
 """
 
 from __future__ import annotations
@@ -23,13 +30,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from numba_kernels.device import device_name
-from numba_kernels.gemm import Variant, launch
+from numba_kernels.device import device_name, simulated
+from numba_kernels.epilogue import BIAS, separately
+from numba_kernels.gemm import FUSING, Variant, launch
+from numba_kernels.gemm_staged import THREADS as STAGED_THREADS
 
 TABLE_PATH = Path(__file__).with_name("tuning.json")
 GEMV_MAX_ROWS = 8
 DEFAULT_TILE = (32, 32, 16, 4, 4)
-GEMV_THREADS = 64
+STRIP = 8  # BN of the staged GEMV: a k row of the strip is one 32-byte sector
 
 
 def shape_key(m: int, n: int, k: int) -> str:
@@ -41,7 +50,9 @@ def default_variant(m: int, n: int, k: int) -> Variant:
         rows = 1
         while rows < m:
             rows *= 2
-        return Variant("gemv", (GEMV_THREADS, rows))
+        threads = max(32, STRIP * rows) if simulated() else STAGED_THREADS
+        step = threads // min(STRIP, rows)  # every thread stages as many floats of x and of w
+        return Variant("staged", (threads, STRIP, rows, min(512 if rows <= 2 else 256, -(-k // step) * step)))
     return Variant("tiled", DEFAULT_TILE)
 
 
@@ -84,4 +95,15 @@ class Dispatch:
     def gemm(self, x, w, b, out, stream=0):
         """out[M, N] = x[M, K] @ w[K, N] + b[N]; -> out."""
         launch(self.choose(x.shape[0], w.shape[1], x.shape[1]), x, w, b, out, stream)
+        return out
+
+    def linear(self, x, w, b, out, epilogue: str = BIAS, aux=(), scratch=None, stream=0):
+        """The GEMM and its epilogue; ``scratch`` [M, N]: where an unfused residual GEMM writes first. -> out."""
+        variant = self.choose(x.shape[0], w.shape[1], x.shape[1])
+        if variant.kernel in FUSING or epilogue == BIAS:
+            launch(variant, x, w, b, out, stream, epilogue, aux)
+        else:
+            y = scratch if epilogue == "residual" else out
+            launch(variant, x, w, b, y, stream)
+            separately(epilogue, out, y, aux)
         return out

@@ -57,14 +57,19 @@ def layer_norm_kernel(x, g, b, eps, out):  # pragma: no cover - kernel
         out[r, i] = g[i] * ((x[r, i] - mean) * inv) + b[i]
 
 
+@cuda.jit(device=True)
+def gelu_value(v):  # pragma: no cover - kernel
+    """GPT-2's GELU of one float32; the GELU kernel and the c_fc epilogue (``epilogue.py``) share it."""
+    return float32(0.5) * v * (float32(1.0) + math.tanh(GELU_C * (v + float32(0.044715) * v * v * v)))
+
+
 @cuda.jit
 def gelu_kernel(x, out):  # pragma: no cover - kernel
     """[B, N] -> [B, N]; grid (ceil(N / threads), B). ``out`` may be ``x``."""
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     r = cuda.blockIdx.y
     if i < x.shape[1]:
-        v = x[r, i]
-        out[r, i] = float32(0.5) * v * (float32(1.0) + math.tanh(GELU_C * (v + float32(0.044715) * v * v * v)))
+        out[r, i] = gelu_value(x[r, i])
 
 
 @cuda.jit

@@ -11,8 +11,12 @@ Versions, to be read side by side (as in llm.c ``dev/cuda``):
 3. ``gemv``: for few rows (the decode step). Each thread owns one output column
    and up to ROWS rows; it walks K reading its column of w, coalesced across
    the warp, while the rows of x come through shared memory in chunks of K.
-   The weights, the bulk of the bytes, are read once per ROWS rows, so the
-   kernel is bound by memory bandwidth.
+   The weights, the bulk of the bytes, are read once per ROWS rows.
+4. ``staged`` (``gemm_staged.py``): the GEMV again, with loading apart from
+   summing: a block stages chunks of a strip of BN columns of w in shared
+   memory, all its threads loading coalesced while one thread per output sums
+   the previous chunk; enough blocks for every SM at N = 768, and the
+   epilogue fused (residual add, GELU, K/V store: ``epilogue.py``).
 
 One rule makes them interchangeable: every output element is summed by one
 thread, over k ascending, with ``cuda.fma``, and the bias comes last. No
@@ -22,10 +26,12 @@ depend on the rows that share its launch (batch invariance by construction).
 (The simulator's ``cuda.fma`` rounds twice, a GPU's once; every version uses
 it, so they agree on either.)
 
-The price of the rule: a launch has at most N x ceil(M / ROWS) threads with
-work, each walking all of K. A narrow layer at batch 1 (N = 768 for GPT-2
-124M) has too few threads in flight to keep a large GPU's memory busy; a wide
-one (the LM head, N = 50257) has plenty.
+The price of the rule: a launch has at most N x M threads summing, each a
+chain of K dependent FMAs. Version 3 also leaves them few loads in flight
+(12 blocks at N = 768), so a narrow layer at batch 1 cannot keep a large
+GPU's memory busy; version 4 stages enough bytes in flight, and what stays
+is the chain (``roofline.py`` estimates both; ``numba_kernels.inspect``
+prints them).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from dataclasses import dataclass
 
 from numba import cuda, float32
 
+from numba_kernels.gemm_staged import staged_kernel
 from numba_kernels.grid import cdiv
 
 NAIVE_THREADS = 128
@@ -45,7 +52,7 @@ GEMV_K_CHUNK = 256  # columns of x staged in shared memory at a time: ROWS x 256
 class Variant:
     """A GEMM version and its launch parameters.
 
-    naive: (threads,); tiled: (BM, BN, BK, TM, TN); gemv: (threads, ROWS).
+    naive: (threads,); tiled: (BM, BN, BK, TM, TN); gemv: (threads, ROWS); staged: (threads, BN, ROWS, KC).
     """
 
     kernel: str
@@ -58,6 +65,9 @@ class Variant:
 TILES = ((32, 32, 16, 4, 4), (64, 64, 16, 4, 4), (64, 64, 8, 4, 4), (64, 64, 16, 8, 8), (128, 64, 8, 8, 4),
          (128, 128, 8, 8, 8), (16, 16, 16, 1, 1))  # fmt: skip
 GEMV_PARAMS = ((32, 1), (64, 1), (64, 2), (64, 4), (64, 8), (128, 1), (128, 4), (128, 8), (256, 1))
+STAGED_PARAMS = ((128, 8, 1, 512), (128, 8, 2, 512), (128, 8, 4, 256), (128, 8, 8, 256), (128, 4, 1, 512),
+                 (256, 8, 1, 512), (128, 16, 1, 256), (128, 16, 8, 128))  # fmt: skip
+FUSING = ("staged",)  # the versions that run an epilogue (epilogue.py) in the same launch
 
 
 def candidates() -> list[Variant]:
@@ -65,6 +75,7 @@ def candidates() -> list[Variant]:
     found = [Variant("naive", (NAIVE_THREADS,))]
     found += [Variant("tiled", tile) for tile in TILES]
     found += [Variant("gemv", p) for p in GEMV_PARAMS]
+    found += [Variant("staged", p) for p in STAGED_PARAMS]
     return found
 
 
@@ -188,11 +199,13 @@ def gemv_kernel(rows: int):
 # ---------------------------------------------------------------- launch
 
 
-def launch(variant: Variant, x, w, b, out, stream=0) -> None:
-    """out[M, N] = x[M, K] @ w[K, N] + b[N] on the device, with the given variant."""
+def launch(variant: Variant, x, w, b, out, stream=0, epilogue: str = "bias", aux=()) -> None:
+    """out[M, N] = x[M, K] @ w[K, N] + b[N] on the device, with the given variant (and, if it fuses, epilogue)."""
     (m, k), n = x.shape, w.shape[1]
     if w.shape[0] != k or b.shape != (n,) or out.shape != (m, n):
         raise ValueError(f"gemm shapes do not fit: x {x.shape}, w {w.shape}, b {b.shape}, out {out.shape}")
+    if epilogue != "bias" and variant.kernel not in FUSING:
+        raise ValueError(f"{variant} runs no epilogue; {epilogue!r} needs one of {', '.join(FUSING)}")
     if m == 0 or n == 0:
         return
     p = variant.params
@@ -206,5 +219,9 @@ def launch(variant: Variant, x, w, b, out, stream=0) -> None:
     elif variant.kernel == "gemv":
         threads, rows = p
         gemv_kernel(rows)[(cdiv(n, threads), cdiv(m, rows)), threads, stream](x, w, b, out)
+    elif variant.kernel == "staged":
+        threads, bn, rows, kc = p
+        kernel = staged_kernel(threads, bn, rows, kc, epilogue)
+        kernel[(cdiv(n, bn), cdiv(m, rows)), threads, stream](x, w, b, out, aux)
     else:
-        raise ValueError(f"unknown gemm kernel {variant.kernel!r}; choose naive, tiled or gemv")
+        raise ValueError(f"unknown gemm kernel {variant.kernel!r}; choose naive, tiled, gemv or staged")

@@ -11,6 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from numba import cuda
 
+from numba_kernels import dispatch
 from numba_kernels.device import NO_CUDA, cuda_available
 from numba_kernels.dispatch import Dispatch, default_variant, load_table, save_table
 from numba_kernels.gemm import GEMV_K_CHUNK, Variant, launch
@@ -18,10 +19,12 @@ from numba_kernels.simulator import quick_switching
 
 pytestmark = pytest.mark.skipif(not cuda_available(), reason=NO_CUDA)
 
-# one of each kernel, and tiles that leave partial tiles at these shapes; small blocks keep the simulator quick
+# one of each kernel, and tiles that leave partial tiles at these shapes; small blocks keep the simulator quick;
+# staged chunks of 16 and 32 k (several chunks, the last one partial) and a GPU's 128 threads
 VARIANTS = [
     ("naive", (32,)), ("tiled", (16, 32, 8, 2, 4)), ("tiled", (32, 32, 8, 4, 4)), ("tiled", (32, 16, 8, 4, 2)),
     ("gemv", (32, 1)), ("gemv", (32, 4)), ("gemv", (64, 8)),
+    ("staged", (32, 8, 1, 32)), ("staged", (32, 4, 2, 16)), ("staged", (128, 8, 8, 16)),
 ]  # fmt: skip
 
 
@@ -82,11 +85,16 @@ def test_row_alone_equals_row_in_batch():
         assert np.array_equal(alone.copy_to_host()[0], batch.copy_to_host()[row])
 
 
-def test_default_rule_gemv_for_few_rows_tiled_for_many():
-    assert default_variant(1, 2304, 768) == Variant("gemv", (64, 1))
-    assert default_variant(5, 20, 768) == Variant("gemv", (64, 8))
-    assert default_variant(8, 768, 768).kernel == "gemv"
+def test_default_rule_staged_gemv_for_few_rows_tiled_for_many(monkeypatch):
+    monkeypatch.setattr(dispatch, "simulated", lambda: False)  # the rule for a GPU
+    assert default_variant(1, 2304, 768) == Variant("staged", (128, 8, 1, 512))
+    assert default_variant(5, 20, 768) == Variant("staged", (128, 8, 8, 256))
+    assert default_variant(8, 768, 3072).kernel == "staged"
+    assert default_variant(1, 96, 32) == Variant("staged", (128, 8, 1, 128)), "no chunk longer than K needs"
     assert default_variant(9, 768, 768) == Variant("tiled", (32, 32, 16, 4, 4))
+    monkeypatch.setattr(dispatch, "simulated", lambda: True)  # fewer Python threads, the same chunks and sums
+    assert default_variant(1, 2304, 768) == Variant("staged", (32, 8, 1, 512))
+    assert default_variant(8, 96, 32) == Variant("staged", (64, 8, 8, 32))
 
 
 def test_dispatch_takes_the_largest_tuned_batch_not_above(tmp_path):
@@ -112,3 +120,9 @@ def test_bad_shapes_and_kernel_names_are_refused():
         launch(Variant("tiled", (32, 32, 8, 3, 4)), cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), out)
     with pytest.raises(ValueError, match="unknown gemm kernel"):
         launch(Variant("cublas", ()), cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), out)
+    with pytest.raises(ValueError, match="multiples of the threads"):
+        launch(Variant("staged", (128, 8, 1, 100)), cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), out)
+    with pytest.raises(ValueError, match="shared memory"):
+        launch(Variant("staged", (128, 8, 8, 1024)), cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), out)
+    with pytest.raises(ValueError, match="runs no epilogue"):
+        launch(Variant("naive", (32,)), cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), out, epilogue="gelu")
