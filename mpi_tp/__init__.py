@@ -46,12 +46,12 @@ replicated 1.65x and 1.74x.
 
 The ``inner`` argument of ``launch`` picks the math on each rank: ``numpy``
 (``mpi_tp.model.NumpyShard``: the batch-invariant Numba CPU kernels, over
-slots or paged KV blocks) or ``numba`` (one GPU per rank, rank r on GPU r mod
-the GPU count), which needs ``numba_kernels.TPShard``, a class with the
-constructor and methods of ``mpi_tp.model.Shard`` (``step(rows)``,
-``move``): it receives a ``ShardWeights`` on the host, keeps it and its KV
-blocks on its GPU, and hands [N, C] host arrays to ``comm.reduce_sum`` after
-each RowParallelLinear.
+slots or paged KV blocks) or ``numba`` (``numba_kernels.TPShard``: one GPU per
+rank, rank r on GPU r mod the GPU count, KV in slots): it receives a
+``ShardWeights`` on the host, keeps it and its KV slots on its GPU, and hands
+[N, C] host arrays to ``comm.reduce_sum`` after each RowParallelLinear.
+Under the CUDA simulator every rank simulates one GPU, so ``mpiexec -n 2``
+runs it without a GPU (``tests/test_tp_numba.py``).
 """
 
 import reference  # noqa: F401  (first: it sets the thread settings NumPy's BLAS reads as it loads)

@@ -173,9 +173,8 @@ def shard_factory(inner: str, rank: int):
         import numba_kernels
     except ImportError as error:
         raise ValueError(f"--tp with the numba backend needs numba_kernels and numba-cuda: {error}") from None
-    if not hasattr(numba_kernels, "TPShard"):
-        raise ValueError("numba_kernels has no TPShard (the tensor-parallel shard of mpi_tp.model.Shard) yet; use inner='numpy'")
-    cuda.select_device(rank % len(cuda.gpus))  # rank r uses GPU r mod the number of GPUs
+    numba_kernels.require_cuda()  # NoCudaError, naming what is missing
+    cuda.select_device(rank % len(cuda.gpus))  # rank r uses GPU r mod the number of GPUs (the simulator has one)
     return numba_kernels.TPShard
 
 

@@ -83,14 +83,12 @@ def test_closed_backend_refuses_to_step():
         tp.prefill(0, np.array([1]))
 
 
-def test_inner_backends_are_named_clearly():
+def test_inner_backends_are_named_clearly(monkeypatch):
     with pytest.raises(ValueError, match="unknown tensor-parallel inner backend 'cuda'"):
         shard_factory("cuda", 0)
-    try:
-        import numba_kernels
-    except ImportError:
-        numba_kernels = None
-    if numba_kernels is not None and hasattr(numba_kernels, "TPShard"):
-        pytest.skip("numba_kernels.TPShard exists")
-    with pytest.raises(ValueError, match="numba"):
+    numba_kernels = pytest.importorskip("numba_kernels")
+    if numba_kernels.cuda_available():
+        assert shard_factory("numba", 0) is numba_kernels.TPShard
+    monkeypatch.setattr(numba_kernels.device, "cuda_available", lambda: False)
+    with pytest.raises(numba_kernels.NoCudaError, match="no CUDA GPU"):
         shard_factory("numba", 0)
