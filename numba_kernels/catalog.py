@@ -229,16 +229,23 @@ def kernels() -> list[Kernel]:
 
 
 def step_plan(version: str, c: GPTConfig, batch: int) -> list[tuple[str, str | None, int]]:
-    """The launches of one decode step: (kernel name, which linear or None, times)."""
+    """The launches of one decode step: (kernel name, which linear or None, times).
+
+    old: v3 GEMV (tiled above 8 rows), separate K/V store, residual adds and GELU, attention v1.
+    new: the backend now: v4 staged GEMV with fused epilogues (tiled and the separate kernels above 8 rows),
+    attention v2 (chunks, then combine)."""
     layers, rows = c.n_layer, 1 << max(0, batch - 1).bit_length()
-    if version == "new" and batch in (1, 8):
+    ends = [("take rows", None, 1), ("layer norm", None, 2 * layers + 1), ("embedding", None, 1)]
+    attention = [("attention chunks", None, layers), ("attention combine", None, layers)]
+    if version == "new" and batch <= 8:
         gemm = f"gemm staged 128x8x{rows}x{512 if rows <= 2 else 256}"
-        return [("embedding", None, 1), ("layer norm", None, 2 * layers + 1), (gemm + " +kv", "c_attn", layers),
-                ("attention chunks", None, layers), ("attention combine", None, layers),
-                (gemm + " +residual", "attn_proj", layers), (gemm + " +gelu", "c_fc", layers),
-                (gemm + " +residual", "mlp_proj", layers), ("take rows", None, 1), (gemm, "lm_head", 1)]  # fmt: skip
+        fused = (" +kv", " +residual", " +gelu", " +residual") if rows in (1, 8) else ("",) * 4
+        linears = [(gemm + f, part, layers) for f, part in zip(fused, ("c_attn", "attn_proj", "c_fc", "mlp_proj"))]
+        separate = [] if rows in (1, 8) else [("store K, V", None, layers), ("residual add", None, 2 * layers),
+                                               ("GELU", None, layers)]  # fmt: skip
+        return ends + linears + [(gemm, "lm_head", 1)] + attention + separate
     gemm = f"gemm gemv 64x{rows}" if batch <= 8 else "gemm tiled 32x32x16x4x4"
-    return [("embedding", None, 1), ("layer norm", None, 2 * layers + 1), (gemm, "c_attn", layers),
-            ("store K, V", None, layers), ("decode attention", None, layers), (gemm, "attn_proj", layers),
-            ("residual add", None, 2 * layers), (gemm, "c_fc", layers), ("GELU", None, layers), (gemm, "mlp_proj", layers),
-            ("take rows", None, 1), (gemm, "lm_head", 1)]  # fmt: skip
+    linears = [(gemm, part, layers) for part in ("c_attn", "attn_proj", "c_fc", "mlp_proj")] + [(gemm, "lm_head", 1)]
+    attention = attention if version == "new" else [("decode attention", None, layers)]
+    return ends + linears + attention + [("store K, V", None, layers), ("residual add", None, 2 * layers),
+                                         ("GELU", None, layers)]  # fmt: skip

@@ -28,12 +28,18 @@ def test_tune_refuses_the_simulator(capsys):
     assert "simulator" in capsys.readouterr().err
 
 
-def test_gpu_benchmark_exits_2_without_a_gpu_and_writes_nothing():
+@pytest.mark.parametrize("script", ["gpu_kernels.py", "gpu_policies.py", "kernels_static.py"])
+def test_gpu_scripts_exit_2_under_the_simulator_and_write_nothing(script):
     results = ROOT / "benchmarks" / "RESULTS.md"
     before = results.read_text() if results.exists() else None
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py")], env=env,
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)], env=env,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 2
-    assert len(run.stdout.strip().splitlines()) == 1 and "simulator" in run.stdout
+    assert len(run.stdout.strip().splitlines()) == 1 and "NUMBA_ENABLE_CUDASIM" in run.stdout
     assert (results.read_text() if results.exists() else None) == before
+
+
+def test_gpu_check_script_parses():
+    done = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
