@@ -92,9 +92,21 @@ class LaneBackend:
             raise ValueError(f"move lengths must be one per pair in 0..{self.kv.block_size}, got {lengths.tolist()}")
 
 
+# A model this small computes each op in microseconds, less than it takes to wake a second thread: on
+# the shipped model (0.8M weights in its blocks) a batch-1 step took 1.1 ms on one thread against
+# 1.3 ms (quiet) to 17 ms (another process on the other core) on two. gpt2's blocks hold 85M.
+ONE_THREAD_BELOW = 4_000_000
+
+
+def block_weights(config: GPTConfig) -> int:
+    """Weights in the transformer blocks' four linears: n_layer * C * (4C + 2 * d_mlp)."""
+    return config.n_layer * config.n_embd * (4 * config.n_embd + 2 * config.d_mlp)
+
+
 class NumpyBackend(LaneBackend):
     """GPT-2 on the CPU with batch-invariant kernels, over KV memory of ``kv`` (an int: that many slots).
 
+    ``threads``: Numba threads for its steps (None: all, or one for a model too small to share).
     ``invariant=False`` runs on BLAS instead: faster for some batch sizes,
     but a request's logits then depend on its step, so fused decoding is no
     longer bitwise equal to serial decoding.
@@ -103,6 +115,8 @@ class NumpyBackend(LaneBackend):
     def __init__(self, config: GPTConfig, weights: GPT2Weights, n_slots: int | KVShape = 1, invariant: bool = True,
                  threads: int | None = None) -> None:  # fmt: skip
         self.config = config
+        if threads is None and block_weights(config) < ONE_THREAD_BELOW:
+            threads = 1
         self.threads = threads  # Numba threads for this backend's calls from the calling thread; None: all
         self.weights = weights
         self.invariant = invariant
