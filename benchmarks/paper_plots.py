@@ -79,7 +79,7 @@ def decode_steps(curves: dict[str, list[tuple[int, float]]], measured: list[tupl
     top = max(b for points in curves.values() for b, _ in points)
     ax.plot([1, top], [1, top], color="grey", lw=0.8, ls=":", label="B separate steps (no gain from fusion)")
     ax.set(xscale="log", yscale="log", xlabel="requests in the step (batch)", ylabel="step time over batch 1's",
-           title="A decode step against its batch: this CPU measured and simulated, an H100 simulated")  # fmt: skip
+           title="A decode step against its batch:\nthis CPU measured and simulated, an H100 simulated")  # fmt: skip
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, path)

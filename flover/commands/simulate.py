@@ -5,6 +5,12 @@ model-free and time comes from the cost model of ``--device`` (a device
 file's figures) for ``--model``'s shape, split ``--tp`` ways over
 ``--nodes`` nodes. Table, JSON and plots are those of ``flover bench``, and
 every title and header says "simulated on DEVICE".
+
+KV memory is laid out by the engine, which counts a value as 4 bytes: so
+``--kv-memory`` and the KV figures in the JSON count float32 values, and at
+fp16 a budget holds twice the positions it would in float32. What must fit
+the device (weights and KV memory at ``--dtype``, per rank) is checked before
+anything runs.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from flover.trace import read_trace
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("simulate", help="serve a trace on a simulated device (real schedulers, modelled time)")
+    p = sub.add_parser("simulate", help="serve a trace on a simulated device (real schedulers, modelled time)",
+                       description=__doc__.partition("\n\n")[2].replace("``", ""))  # fmt: skip
     known = ", ".join(sorted(path.stem for path in DEVICES.glob("*.json")))
     p.add_argument("--device", required=True, help=f"{known}, or a device file (.json) such as `flover calibrate` writes")
     p.add_argument("--model", default="gpt2", help=f"a model shape: {', '.join(SHAPES)}")

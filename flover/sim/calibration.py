@@ -3,8 +3,8 @@
 Measured: decode steps over batch sizes and context lengths, prefills over
 prompt lengths, a memory shuffle's copies, and the host's work per lane
 (the engine samples each lane's token from its logits). The points take
-turns in rounds, and a figure is the best round's median, so that a noisy
-neighbour slows every point alike. ``fit_cpu`` then fits the figures, and
+turns in rounds, so that a noisy neighbour slows every point alike, and a
+figure is the fastest call. ``fit_cpu`` then fits the figures, and
 ``device_record`` writes them with the measurements, the fit's error on
 each, and when, where and how they were taken.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,18 +44,20 @@ class Calibration:
     load: tuple[float, float] = (0.0, 0.0)  # load average before and after
 
 
-def best_median_s(fns: dict, rounds: int, repeats: int, progress: Callable[[], None] | None = None) -> dict:
-    """Each function's best (over rounds) median (over repeats) time; the functions take turns."""
+def fastest_s(fns: dict, rounds: int, repeats: int, progress: Callable[[], None] | None = None) -> dict:
+    """Each function's fastest call over ``rounds`` rounds of ``repeats`` calls; the functions take turns.
+
+    The fastest, not the median: on a shared machine a step is only ever slowed by its neighbours, so
+    the least disturbed call is the nearest to what the step costs (``timeit``'s advice).
+    """
     best = {key: float("inf") for key in fns}
     for _ in range(rounds):
         for key, fn in fns.items():
             fn()  # untimed: caches, and the previous point's threads going to sleep
-            times = []
             for _ in range(repeats):
                 begin = time.perf_counter()
                 fn()
-                times.append(time.perf_counter() - begin)
-            best[key] = min(best[key], statistics.median(times))
+                best[key] = min(best[key], time.perf_counter() - begin)
             if progress:
                 progress()
     return best
@@ -74,7 +75,7 @@ def lane_overhead_s(vocab_size: int, repeats: int = 300) -> float:
     return (time.perf_counter() - begin) / repeats
 
 
-def measure(shape: ModelShape, grid: str = "full", rounds: int = 2, repeats: int = 5,
+def measure(shape: ModelShape, grid: str = "full", rounds: int = 3, repeats: int = 3,
             progress: Callable[[], None] | None = None) -> Calibration:  # fmt: skip
     """Time the NumPy backend (batch-invariant kernels, random weights) on this machine."""
     batches, positions, prompts, (moved, move_len) = GRIDS[grid]
@@ -94,7 +95,7 @@ def measure(shape: ModelShape, grid: str = "full", rounds: int = 2, repeats: int
         points[("prefill", 1, n)] = lambda lane=lane: backend.step([lane])
     src, dst = np.arange(moved), np.arange(moved, 2 * moved)
     points[("move", moved, move_len)] = lambda: backend.move(src, dst, np.full(moved, move_len))
-    best = best_median_s(points, rounds, repeats, progress)
+    best = fastest_s(points, rounds, repeats, progress)
     for (kind, b, p), seconds in best.items():
         if kind == "decode":
             calibration.measured.append(Measured(kind, StepShape.decode(b, p), seconds))
@@ -166,6 +167,6 @@ def device_record(calibration: Calibration, fit: CpuFit, name: str = "cpu") -> d
     }
 
 
-def calibrate(shape: ModelShape, grid: str = "full", rounds: int = 2, progress=None) -> tuple[Calibration, CpuFit]:
+def calibrate(shape: ModelShape, grid: str = "full", rounds: int = 3, progress=None) -> tuple[Calibration, CpuFit]:
     calibration = measure(shape, grid, rounds, progress=progress)
     return calibration, fit_cpu(shape, calibration.measured)

@@ -114,6 +114,7 @@ class CostModel:
         self.layer_overhead_s = device.figure("layer_overhead_s")
         self.lane_overhead_s = device.figure("lane_overhead_s", 0.0)
         self.link_bandwidth, self.link_latency_s = self._ring_link() if tp > 1 else (float("inf"), 0.0)
+        self.priced: dict[tuple[StepShape, float], float] = {}  # steps repeat (a serial run's, at each position)
 
     def _ring_link(self) -> tuple[float, float]:
         """(bytes/s, seconds per hop) of the ring's slowest link."""
@@ -153,7 +154,12 @@ class CostModel:
         return 2 * self.shape.config.n_layer * self.all_reduce_s(activations) + self.all_gather_s(logits)
 
     def shape_s(self, s: StepShape, share: float = 1.0) -> float:
-        return self.compute_s(s, share) + self.overhead_s(s) + self.communication_s(s)
+        seconds = self.priced.get((s, share))
+        if seconds is None:
+            if len(self.priced) > 2**16:
+                self.priced.clear()
+            seconds = self.priced[s, share] = self.compute_s(s, share) + self.overhead_s(s) + self.communication_s(s)
+        return seconds
 
     def step_s(self, lanes: Sequence[Lane], share: float = 1.0) -> float:
         return self.shape_s(StepShape.of(lanes), share)
