@@ -241,14 +241,15 @@ def step_table(rows, config, batches) -> tuple[str, dict]:
 
 
 def report(archs=ARCHS, names: str = "", model: str = "gpt2", batches=(1, 8), context: int = 1024,
-           every: bool = False, jobs: int = 1) -> tuple[str, dict]:  # fmt: skip
+           every: bool = False, jobs: int = 1, backend_only: bool = False) -> tuple[str, dict]:  # fmt: skip
     """-> (markdown, everything as a dict)."""
     from numba_kernels.catalog import kernels
     from numba_kernels.roofline import H100
     from reference.config import preset
 
     config = preset(model)
-    chosen = [k for k in kernels() if not names or any(n in k.name for n in names.split(","))]
+    chosen = [k for k in kernels() if (not names or any(n in k.name for n in names.split(",")))
+              and (k.tags or not backend_only)]  # fmt: skip
     statics = inspect_all(chosen, archs, config, jobs)
     on_h100 = {s.kernel: s for s in statics if s.arch == "sm_90"}
     rows = priced(chosen, on_h100, config, batches, context)
@@ -279,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write every figure to this file")
     p.add_argument("--all", action="store_true", help="price every variant, not only the backend's old and new kernels")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes that compile")
+    p.add_argument("--backend", action="store_true", help="only the kernels the backend runs (old and new), not "
+                   "every tuning candidate")  # fmt: skip
     args = p.parse_args(argv)
     from numba_kernels.device import simulated
 
@@ -291,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown architecture {unknown[0]!r}; choose from {', '.join(SM_LIMITS)}", file=sys.stderr)
         return 2
     batches = tuple(int(b) for b in args.batches.split(","))
-    text, everything = report(archs, args.kernels, args.model, batches, every=args.all, jobs=args.jobs)
+    text, everything = report(archs, args.kernels, args.model, batches, every=args.all, jobs=args.jobs,
+                              backend_only=args.backend)  # fmt: skip
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=1) + "\n")

@@ -30,11 +30,10 @@ def _quick_simulator():
         yield
 
 
-@pytest.mark.parametrize("vocab_parallel", [True, False])
-def test_one_rank_is_bitwise_the_numba_backend(vocab_parallel):
+def test_one_rank_is_bitwise_the_numba_backend():
     """(acc + 0) + b == acc + b: the row-parallel layers' reduction and bias change no bit at one rank."""
     weights = init_weights(CONFIG, seed=2, std=0.3)
-    tp = launch(CONFIG, weights, 3, inner="numba", vocab_parallel=vocab_parallel, comm=MPI.COMM_SELF)
+    tp = launch(CONFIG, weights, 3, inner="numba", comm=MPI.COMM_SELF)
     single = NumbaBackend(CONFIG, weights, n_slots=3)
     try:
         for lanes in ([Lane.of([0], [3, 1, 4], 0)], [Lane.of([0], [1], 3), Lane.of([2], [5, 9], 0)]):
