@@ -120,3 +120,17 @@ def test_cpu_fit_recovers_the_figures_it_was_generated_from():
     assert fit.bandwidth == pytest.approx(20e9, rel=1e-3)
     assert fit.matmul_rate == pytest.approx(0.2e12, rel=1e-3)
     assert fit.layer_overhead_s == pytest.approx(2e-4, rel=1e-3)
+
+
+def test_instances_on_one_device_share_its_memory_and_math_but_not_their_fixed_costs():
+    plan = Plan(load_device("a100-80gb"), model_shape("gptj-6b"))
+    cost = plan.cost()
+    both = [Request(i, 0.0, (1, 2, 3, 4, 5, 6, 7, i), 50) for i in range(2)]
+    run = simulate(plan, PolicyConfig("instances", instances=2), both)
+    first, second = sorted(run.results, key=lambda r: r.instance)
+    assert (first.instance, second.instance) == (0, 1)
+    assert first.finish_s == pytest.approx(second.finish_s, rel=1e-2)  # side by side, neither ahead
+    shared = sum(2 * cost.compute_s(s) + cost.overhead_s(s) for s in request_steps(8, 50))
+    assert first.finish_s == pytest.approx(shared, rel=2e-2)
+    alone = sum(cost.shape_s(s) for s in request_steps(8, 50))
+    assert alone < first.finish_s < 2 * alone  # faster than one after the other: the fixed costs overlap
