@@ -110,6 +110,8 @@ def gemm_kernels() -> list[Kernel]:
         tags = ("old",) if threads == 64 and rows in (1, 8) else ()
         found.append(Kernel(f"gemm gemv {threads}x{rows}", "gemm.py v3", lambda r=rows: gemm.gemv_kernel(r), gemm_sig(),
                             threads, reduction=True, launches=gemm_launches(gemv(threads, rows)), tags=tags))  # fmt: skip
+    found.append(Kernel("gemm prefetch 128x128x8x8x8", "gemm_prefetch.py v5", lambda: gemm.prefetch_kernel(), gemm_sig(),
+                        256, reduction=True, launches=gemm_launches(tiled(128, 128, 8, 8, 8)), tags=("new",)))  # fmt: skip
     return found + staged_kernels()
 
 

@@ -13,8 +13,11 @@ two tuned ones take the smaller one's choice); else the default rule:
                 ROWS = M rounded up to a power of two, chunks of KC = 512 k
                 (256 from 4 rows, to fit shared memory; less when K is
                 shorter): N / 8 blocks, 16 KB in flight each
-    M >  8  ->  tiled, 32 x 32 tiles, BK = 16, 4 x 4 outputs per thread (64
-                threads; small tiles keep many blocks in flight at GPT-2 widths)
+    M <= 64 ->  tiled (version 2), 32 x 32 tiles, BK = 16, 4 x 4 outputs per
+                thread (64 threads; small tiles keep many blocks in flight at
+                GPT-2 widths)
+    M >  64 ->  prefetch (version 5): 128 x 128 tiles, 8 x 8 a thread, the
+                next tile in registers (a prefill)
 
 Every variant gives bitwise the same result (see ``gemm.py``), so the table
 decides speed only, never a number. (Under the CUDA simulator, where each
@@ -39,6 +42,7 @@ TABLE_PATH = Path(__file__).with_name("tuning.json")
 GEMV_MAX_ROWS = 8
 DEFAULT_TILE = (32, 32, 16, 4, 4)
 STRIP = 8  # BN of the staged GEMV: a k row of the strip is one 32-byte sector
+TILED_MAX_ROWS = 64  # above: 128 x 128 tiles give every block 64 outputs a thread
 
 
 def shape_key(m: int, n: int, k: int) -> str:
@@ -53,7 +57,7 @@ def default_variant(m: int, n: int, k: int) -> Variant:
         threads = max(32, STRIP * rows) if simulated() else STAGED_THREADS
         step = threads // min(STRIP, rows)  # every thread stages as many floats of x and of w
         return Variant("staged", (threads, STRIP, rows, min(512 if rows <= 2 else 256, -(-k // step) * step)))
-    return Variant("tiled", DEFAULT_TILE)
+    return Variant("tiled", DEFAULT_TILE) if m <= TILED_MAX_ROWS else Variant("prefetch", ())
 
 
 def load_table(device: str | None = None, path: Path = TABLE_PATH) -> dict[str, Variant]:

@@ -17,6 +17,9 @@ Versions, to be read side by side (as in llm.c ``dev/cuda``):
    memory, all its threads loading coalesced while one thread per output sums
    the previous chunk; enough blocks for every SM at N = 768, and the
    epilogue fused (residual add, GELU, K/V store: ``epilogue.py``).
+5. ``prefetch`` (``gemm_prefetch.py``): version 2 again for prefill, with the
+   x tile padded in shared memory (no bank conflicts), 8 x 8 outputs a
+   thread, and the next tile loaded into registers while this one is summed.
 
 One rule makes them interchangeable: every output element is summed by one
 thread, over k ascending, with ``cuda.fma``, and the bias comes last. No
@@ -41,6 +44,9 @@ from dataclasses import dataclass
 
 from numba import cuda, float32
 
+from numba_kernels.gemm_prefetch import BM as PREFETCH_BM
+from numba_kernels.gemm_prefetch import SIDE as PREFETCH_SIDE
+from numba_kernels.gemm_prefetch import prefetch_kernel
 from numba_kernels.gemm_staged import staged_kernel
 from numba_kernels.grid import cdiv
 
@@ -52,7 +58,8 @@ GEMV_K_CHUNK = 256  # columns of x staged in shared memory at a time: ROWS x 256
 class Variant:
     """A GEMM version and its launch parameters.
 
-    naive: (threads,); tiled: (BM, BN, BK, TM, TN); gemv: (threads, ROWS); staged: (threads, BN, ROWS, KC).
+    naive: (threads,); tiled: (BM, BN, BK, TM, TN); gemv: (threads, ROWS); staged: (threads, BN, ROWS, KC);
+    prefetch: ().
     """
 
     kernel: str
@@ -67,6 +74,7 @@ TILES = ((32, 32, 16, 4, 4), (64, 64, 16, 4, 4), (64, 64, 8, 4, 4), (64, 64, 16,
 GEMV_PARAMS = ((32, 1), (64, 1), (64, 2), (64, 4), (64, 8), (128, 1), (128, 4), (128, 8), (256, 1))
 STAGED_PARAMS = ((128, 8, 1, 512), (128, 8, 2, 512), (128, 8, 4, 256), (128, 8, 8, 256), (128, 4, 1, 512),
                  (256, 8, 1, 512), (128, 16, 1, 256), (128, 16, 8, 128))  # fmt: skip
+PREFETCH_PARAMS = ((),)  # one tile shape: 128 x 128, BK 8, 8 x 8 a thread
 FUSING = ("staged",)  # the versions that run an epilogue (epilogue.py) in the same launch
 
 
@@ -76,6 +84,7 @@ def candidates() -> list[Variant]:
     found += [Variant("tiled", tile) for tile in TILES]
     found += [Variant("gemv", p) for p in GEMV_PARAMS]
     found += [Variant("staged", p) for p in STAGED_PARAMS]
+    found += [Variant("prefetch", p) for p in PREFETCH_PARAMS]
     return found
 
 
@@ -223,5 +232,7 @@ def launch(variant: Variant, x, w, b, out, stream=0, epilogue: str = "bias", aux
         threads, bn, rows, kc = p
         kernel = staged_kernel(threads, bn, rows, kc, epilogue)
         kernel[(cdiv(n, bn), cdiv(m, rows)), threads, stream](x, w, b, out, aux)
+    elif variant.kernel == "prefetch":
+        prefetch_kernel()[(cdiv(n, PREFETCH_BM), cdiv(m, PREFETCH_BM)), (PREFETCH_SIDE, PREFETCH_SIDE), stream](x, w, b, out)
     else:
-        raise ValueError(f"unknown gemm kernel {variant.kernel!r}; choose naive, tiled, gemv or staged")
+        raise ValueError(f"unknown gemm kernel {variant.kernel!r}; choose naive, tiled, gemv, staged or prefetch")

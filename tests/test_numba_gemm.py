@@ -68,6 +68,15 @@ def test_gemm_variants_bitwise_equal(m, n, k, seed):
         assert np.array_equal(got, first), f"{name} differs from {VARIANTS[0]} at M={m} N={n} K={k}"
 
 
+@pytest.mark.parametrize("m,n,k", [(9, 37, 21), (130, 20, 9)])
+def test_prefetch_tiles_bitwise_equal_naive(m, n, k):
+    """Version 5 (256 threads a block: few shapes under the simulator): partial tiles, 3 k tiles, 2 row tiles."""
+    x, w, b = random_gemm(m, n, k, seed=m)
+    got = run(Variant("prefetch", ()), x, w, b)
+    assert not np.isnan(got).any()
+    assert np.array_equal(got, run(Variant("naive", (32,)), x, w, b))
+
+
 def test_default_tile_bitwise_equal_naive():
     x, w, b = random_gemm(13, 70, 19, seed=5)
     assert np.array_equal(run(default_variant(13, 70, 19), x, w, b), run(Variant("naive", (32,)), x, w, b))
@@ -92,6 +101,7 @@ def test_default_rule_staged_gemv_for_few_rows_tiled_for_many(monkeypatch):
     assert default_variant(8, 768, 3072).kernel == "staged"
     assert default_variant(1, 96, 32) == Variant("staged", (128, 8, 1, 128)), "no chunk longer than K needs"
     assert default_variant(9, 768, 768) == Variant("tiled", (32, 32, 16, 4, 4))
+    assert default_variant(1024, 768, 768) == Variant("prefetch", ())
     monkeypatch.setattr(dispatch, "simulated", lambda: True)  # fewer Python threads, the same chunks and sums
     assert default_variant(1, 2304, 768) == Variant("staged", (32, 8, 1, 512))
     assert default_variant(8, 96, 32) == Variant("staged", (64, 8, 8, 32))
