@@ -62,6 +62,7 @@ def parallel(rows: list[dict], label: str, path: Path) -> Path:
     ax.set(xscale="log", xlabel="tensor-parallel ranks", ylabel="speedup over TP 1",
            title=f"Tensor parallelism, {label.replace(')', ', TP varies)')}")  # fmt: skip
     ax.set_xticks([r["tp"] for r in rows if r["nodes"] == 1], labels=[str(r["tp"]) for r in rows if r["nodes"] == 1])
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
