@@ -11,19 +11,11 @@ from tqdm import tqdm
 
 from flover import plots
 from flover.backends import BackendFactory
-from flover.commands.common import (
-    add_model_flags,
-    add_policy_flags,
-    add_trace_flags,
-    check_run_memory,
-    make_trace,
-    policy_config,  # fmt: skip
-    shared_kv,
-)
+from flover.commands.common import add_model_flags, add_serving_flags, check_run_memory, make_trace, policies_of, shared_kv
 from flover.launch import open_backend
 from flover.loading import resolve
 from flover.report import table
-from flover.runner import POLICIES, PolicyConfig, RunResult, check_trace, run_policy, warm_up
+from flover.runner import RunResult, check_trace, run_policy, warm_up
 from flover.slo import parse_goodput, serving_metrics, summary
 from flover.trace import read_trace
 
@@ -31,13 +23,7 @@ from flover.trace import read_trace
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="serve a trace under a policy and report latency and throughput")
     add_model_flags(p)
-    p.add_argument("--policy", default="fused", help=f"{', '.join(POLICIES)}, or all")
-    add_policy_flags(p)
-    p.add_argument("--trace", help="a JSON Lines trace (else one is generated from the trace flags)")
-    add_trace_flags(p)
-    p.add_argument("--json", dest="json_out", help="write the runs as JSON to this file")
-    p.add_argument("--plot", help="write timeline and latency PNGs into this directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_serving_flags(p)
     p.add_argument("--goodput", nargs="+", metavar="KEY:MS", default=[],
                    help="objectives for goodput, e.g. ttft:500 tpot:50 (e2el too): requests/s that met them all")
     http = p.add_argument_group("over HTTP (the policy is the server's; --model only shapes the trace)")
@@ -45,16 +31,6 @@ def add_parser(sub) -> None:
     http.add_argument("--served-model", help="the model name to send (default: the first GET /v1/models lists)")
     http.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take over HTTP")
     p.set_defaults(run=run)
-
-
-def policies_of(args) -> list[PolicyConfig]:
-    """One policy, or all: fused as configured (and without the shuffle too), then the baselines."""
-    if args.policy != "all":
-        return [policy_config(args, args.policy)]
-    configs = [policy_config(args, "fused")]
-    if args.kv == "slots" and not args.no_shuffle:
-        configs.append(policy_config(args, "fused", shuffle=False))
-    return configs + [policy_config(args, name) for name in POLICIES[1:]]
 
 
 def run(args) -> int:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from flover.backends import BACKENDS
 from flover.budget import check_memory
 from reference import GPTConfig, KVShape
+
+if TYPE_CHECKING:
+    from flover.runner import PolicyConfig
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -47,6 +51,20 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instances", type=int, default=2, help="instances: concurrent model instances (processes)")
 
 
+def add_serving_flags(p: argparse.ArgumentParser) -> None:
+    """What ``flover bench`` and ``flover simulate`` serve and where they report it: the policy and its
+    settings, the trace, the JSON, the plots and the progress bar."""
+    from flover.runner import POLICIES
+
+    p.add_argument("--policy", default="fused", help=f"{', '.join(POLICIES)}, or all")
+    add_policy_flags(p)
+    p.add_argument("--trace", help="a JSON Lines trace (else one is generated from the trace flags)")
+    add_trace_flags(p)
+    p.add_argument("--json", dest="json_out", help="write the runs as JSON to this file")
+    p.add_argument("--plot", help="write timeline and latency PNGs into this directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def policy_config(args, policy: str, **changes):
     from flover.runner import PolicyConfig
 
@@ -54,6 +72,18 @@ def policy_config(args, policy: str, **changes):
                     kv_memory_gib=args.kv_memory, prefill=args.prefill, chunk_tokens=args.chunk_tokens,
                     max_batch=args.max_batch, queue_delay_s=args.queue_delay_ms / 1e3, instances=args.instances)
     return PolicyConfig(policy, **{**settings, **changes})  # fmt: skip
+
+
+def policies_of(args) -> list[PolicyConfig]:
+    """``--policy``: one policy, or all: fused as configured (and without the shuffle too), then the baselines."""
+    from flover.runner import POLICIES
+
+    if args.policy != "all":
+        return [policy_config(args, args.policy)]
+    configs = [policy_config(args, "fused")]
+    if args.kv == "slots" and not args.no_shuffle:
+        configs.append(policy_config(args, "fused", shuffle=False))
+    return configs + [policy_config(args, name) for name in POLICIES[1:]]
 
 
 def make_trace(args, config, rate: float | None = None):

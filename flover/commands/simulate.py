@@ -21,10 +21,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flover import plots
-from flover.commands.bench import policies_of
-from flover.commands.common import add_policy_flags, add_trace_flags, make_trace
+from flover.commands.common import add_serving_flags, make_trace, policies_of
 from flover.report import table
-from flover.runner import POLICIES, check_trace
+from flover.runner import check_trace
 from flover.sim.device import DEVICES, load_device
 from flover.sim.run import Plan, check_fits, simulate
 from flover.sim.shapes import DTYPE_BYTES, SHAPES, model_shape
@@ -40,13 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (GPUs) serving the model")
     p.add_argument("--nodes", type=int, default=1, help="nodes the ranks spread over (InfiniBand between them)")
     p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default=None, help="default: the device file's")
-    p.add_argument("--policy", default="fused", help=f"{', '.join(POLICIES)}, or all")
-    add_policy_flags(p)
-    p.add_argument("--trace", help="a JSON Lines trace (else one is generated from the trace flags)")
-    add_trace_flags(p)
-    p.add_argument("--json", dest="json_out", help="write the runs as JSON to this file")
-    p.add_argument("--plot", help="write timeline and latency PNGs into this directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_serving_flags(p)
     p.set_defaults(run=run)
 
 
