@@ -18,13 +18,15 @@ def run(script: str, *flags: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300, cwd=ROOT)  # fmt: skip
 
 
-@pytest.mark.parametrize("script", ["serving_cpu.py", "fusion_ceiling.py", "decode_cpu.py"])
+@pytest.mark.parametrize("script", ["serving_cpu.py", "fusion_ceiling.py", "decode_cpu.py", "simulator_accuracy.py"])
 def test_quick_run(script):
     done = run(script, "--quick")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "|" in done.stdout, "a table was printed"
     if script == "serving_cpu.py":
         assert "token-identical to fused: every run" in done.stdout
+    if script == "simulator_accuracy.py":
+        assert "mean latency: median absolute error" in done.stdout
 
 
 MPI = importlib.util.find_spec("mpi4py") and (shutil.which("mpiexec", path=str(Path(sys.executable).parent))
