@@ -50,9 +50,9 @@ from reference import init_weights, preset  # noqa: E402
 GIB = 2**30
 # (rate, requests, prompt lengths, output lengths) of each experiment's trace
 TRACES = {
-    "layouts": (64.0, 1.0, (16, 64), (32, 192)),
-    "prefill": (4.0, 0.75, (64, 256), (32, 96)),
-    "policies": (64.0, 0.5, (16, 64), (32, 128)),
+    "layouts": (64.0, 0.5, (16, 64), (32, 128)),
+    "prefill": (4.0, 0.375, (64, 192), (16, 64)),
+    "policies": (64.0, 0.375, (16, 64), (16, 64)),
 }
 QUICK_TRACES = {name: (200.0, 1.0, (4, 8), (4, 24)) for name in TRACES}
 
