@@ -250,19 +250,22 @@ print(f"NumPy float32 (BLAS): {np.count_nonzero(blas != results[str(NAIVE)])} of
 # `dispatch.gemm(x, w, b, out)` runs it. Without a table entry for the shape,
 # `default_variant(m, n, k)` decides:
 #
-# - M <= 8: `gemv` with 64 threads and ROWS = M rounded up to a power of two
-#   (decode steps);
-# - M > 8: `tiled` with 32 x 32 tiles, BK = 16, 4 x 4 outputs per thread
-#   (prefills, big batches).
+# - M <= 8: `staged` (`gemm_staged.py`), a GEMV for decode steps whose
+#   block first loads a strip of weight columns into shared memory with all
+#   its threads, then has one thread per output sum it;
+# - 8 < M <= 64: `tiled` with 32 x 32 tiles, BK = 16, 4 x 4 outputs per
+#   thread (big batches);
+# - M > 64: `prefetch` (`gemm_prefetch.py`), padded tiles, 8 x 8 outputs a
+#   thread and the next tile prefetched into registers (prefills).
 #
 # Here for GPT-2 124M's attention input projection, K = 768 -> N = 2304:
 
 # %%
 from numba_kernels.dispatch import Dispatch, default_variant, load_table
 
-for m in (1, 2, 3, 8, 9, 64):
+for m in (1, 2, 3, 8, 9, 64, 65):
     print(f"M = {m:2d}: {default_variant(m, 2304, 768)}")
-assert default_variant(3, 2304, 768) == Variant("gemv", (64, 4)) and default_variant(9, 2304, 768).kernel == "tiled"
+assert [default_variant(m, 2304, 768).kernel for m in (3, 9, 65)] == ["staged", "tiled", "prefetch"]
 
 # %% [markdown]
 # A **tuning table** overrides the rule. `python -m numba_kernels.tune`, run
