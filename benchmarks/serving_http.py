@@ -32,7 +32,7 @@ ARGS_PARSER.add_argument("--rate", type=float, default=4.0, help="mean arrivals 
 ARGS_PARSER.add_argument("--prompt-len", default="16:64")
 ARGS_PARSER.add_argument("--output-len", default="32:128")
 ARGS_PARSER.add_argument("--slots", type=int, default=32, help="fused slots, dynamic's largest batch")
-ARGS_PARSER.add_argument("--queue-delay-ms", type=float, default=50.0, help="dynamic's window")
+ARGS_PARSER.add_argument("--queue-delay-ms", type=float, default=50.0, help="dynamic: how long a batch waits for more requests")
 ARGS_PARSER.add_argument("--threads", type=int, default=2, help="the engine's threads, in process and in the servers")
 ARGS_PARSER.add_argument("--rounds", type=int, default=2)
 ARGS_PARSER.add_argument("--seed", type=int, default=0)
@@ -115,7 +115,7 @@ def main() -> None:
     for server in servers.values():  # untimed: the server's first requests and connections
         http_run(server.url, trace[:4], None, {})
     labels = {"in": f"fused (slots {ARGS.slots}), in process", "fused": f"fused (slots {ARGS.slots}) over HTTP",
-              "dynamic": f"dynamic over HTTP (batch {ARGS.slots}, window {ARGS.queue_delay_ms:g} ms)"}  # fmt: skip
+              "dynamic": f"dynamic over HTTP (batch {ARGS.slots}, delay {ARGS.queue_delay_ms:g} ms)"}  # fmt: skip
     variants = {
         "in": lambda: run_policy(fused, factory, trace, backend=backend),
         "fused": lambda: http_run(servers["fused"].url, trace, None, {})[0],
