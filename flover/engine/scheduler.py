@@ -43,7 +43,7 @@ Work = list[tuple[RequestState, int]]  # one step: (request, how many of its unc
 
 
 class Scheduler:
-    """The public interface. ``admit`` and ``steps`` are the two methods to write."""
+    """The public interface: override ``admit``, ``steps`` or both (the defaults are Flover's)."""
 
     name = "scheduler"
     returns_whole_batch = False  # hand results back only when the running set empties (dynamic batching)
@@ -67,8 +67,9 @@ class Scheduler:
         return True
 
     def steps(self, running: Sequence[RequestState]) -> Iterator[Work]:
-        """The steps of one iteration; evaluated lazily, so a step sees the requests the one before left."""
-        raise NotImplementedError
+        """The steps of one iteration; evaluated lazily, so a step sees the requests the one before left.
+        By default Flover's: each newcomer's prompt alone, then one fused decode step."""
+        return prefill_alone(running)
 
     def wake_at(self, waiting: Sequence[RequestState], now: float) -> float | None:
         """When to look again if nothing was admitted and nothing runs; None: at the next arrival."""
