@@ -97,7 +97,7 @@ print(repr(tokenizer.decode(prompt.tolist()) + tokenizer.decode(no_cache_tokens)
 # `reference.KVBlocks(config, KVShape(n_blocks, block_size))`, with `k` and
 # `v` of shape [n_layer, n_blocks, n_head, block_size, head_dim]. A Flover
 # slot is one block of `n_ctx` positions, which is what `KVSlots` builds;
-# lesson 4 meets small blocks, the other choice.)
+# lesson 5 meets small blocks, the other choice.)
 #
 # A **backend** owns the weights and the KV memory and does the math;
 # `reference.NumpyBackend(config, weights, n_slots)` is the NumPy one, and
@@ -111,7 +111,7 @@ print(repr(tokenizer.decode(prompt.tolist()) + tokenizer.decode(no_cache_tokens)
 #   `start + 1`, ... of the request's KV `blocks` (here its one slot), each
 #   writes its keys and values there and attends over positions 0 up to its
 #   own. The step returns the logits of each lane's *last* token.
-# - `move(src, dst, lengths)`: copy KV blocks, for lesson 4's memory shuffle.
+# - `move(src, dst, lengths)`: copy KV blocks, for lesson 5's memory shuffle.
 #
 # The two classic steps are two shapes of lanes, and every backend has them
 # as thin wrappers over `step` (from `reference.LaneBackend`):
@@ -142,7 +142,7 @@ assert k_cache.shape == (config.n_layer, 4, config.n_head, config.n_ctx, config.
 # 0. Its logits are those of `forward`'s last row, and slot 0 now holds, in layer 0, the keys we computed by hand in
 # lesson 1 (layer norm, `c_attn`, the key third, split into heads). They agree
 # to rounding, not bit for bit: the backend does its matrix products with the
-# batch-invariant kernels of lesson 5, which add in another order than BLAS.
+# batch-invariant kernels of lesson 8, which add in another order than BLAS.
 # Positions from P on are still empty. (`prefill` is nothing but that
 # one-lane `step`: running the step itself rewrites the same keys and
 # returns the same logits.)
@@ -212,9 +212,9 @@ assert list(generate(backend, prompt, N)) == cache_tokens
 # A prefill and a decode step are the same computation in two shapes of
 # lanes. So a prompt could just as well be fed one token per step, P lanes
 # of one token in P steps, as a decode loop would feed it, or in chunks of
-# a few tokens (*chunked prefill*, which lesson 3's engine can do). Because
+# a few tokens (*chunked prefill*, which lesson 4's engine can do). Because
 # every row of a step is computed from its own token, position and cached
-# keys and values, in an order fixed by those alone (lesson 5 shows how), all
+# keys and values, in an order fixed by those alone (lesson 8 shows how), all
 # three give the same last logits, **bit for bit**. One step may also mix
 # shapes: a prompt's lane beside a decode lane of another request, each row
 # of the result the logits its lane gets alone.
@@ -243,7 +243,7 @@ assert np.array_equal(mixed[0], cache_logits[1]) and np.array_equal(mixed[1], at
 # of decode step i. It does, but only to rounding: `forward` multiplies whole
 # matrices with BLAS, while the backend, in its prefills and decode steps
 # alike, uses kernels that add up each sum in a fixed order (the subject of
-# lesson 5), and floating-point sums in a different order round
+# lesson 8), and floating-point sums in a different order round
 # differently. Against the backend's own prefill of the same text, the last
 # decode step is bitwise equal, as the section above promised.
 
@@ -266,7 +266,7 @@ assert np.array_equal(lanes_backend.prefill(1, np.concatenate([prompt, cache_tok
 # slot 0 is untouched. The picture shows which positions of each slot hold
 # keys (in layer 0, head 0). Every slot reserves all `n_ctx` positions,
 # whether its request uses them or not; that fixed layout is what lets a
-# fused step address each request by a slot number (lessons 3 and 4).
+# fused step address each request by a slot number (lessons 4 and 5).
 
 # %%
 before = k_cache[:, 0].copy()
@@ -362,7 +362,7 @@ assert sum(cache_times) < sum(no_cache_times)
 # row and reads L cached keys and values. In a big model a decode step is
 # bound by reading every weight from memory for a single token; a prefill
 # reads the same weights once for all P prompt tokens, which is why it costs
-# far less per token. Batching many requests into one decode step (lesson 3)
+# far less per token. Batching many requests into one decode step (lesson 4)
 # shares that read in the same way.
 
 
@@ -409,5 +409,5 @@ assert costs["decode step"][-1] < costs["forward"][-1], "one cached step is chea
 #   many tokens, a decode step lanes of one token each, and a prompt fed at
 #   once, in chunks or token by token gives the same logits bit for bit.
 # - A decode step takes a *batch*: `decode(slots, tokens, positions)` serves
-#   B requests, each in its own slot at its own position. Lesson 3 uses
+#   B requests, each in its own slot at its own position. Lesson 4 uses
 #   exactly that to serve requests that arrive at different times.

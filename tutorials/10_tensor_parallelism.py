@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # Lesson 7: tensor parallelism over MPI
+# # Lesson 10: tensor parallelism over MPI
 #
 # A model too big for one device, or too slow on one, can be split across
 # several. **Tensor parallelism** (Megatron-LM's scheme) splits every large
@@ -207,7 +207,7 @@ assert np.allclose(got, want, rtol=1e-5, atol=1e-5)
 # %% [markdown]
 # Equal to rounding, not bit for bit: a row-parallel layer adds the N
 # partial sums at the end, so each output is summed over K in another order
-# than one matrix product sums it (lesson 5). What matters for fusion is
+# than one matrix product sums it (lesson 8). What matters for fusion is
 # that this order is the same for every step and every batch.
 #
 # ## The embedding and the LM head, split by vocabulary
@@ -263,7 +263,7 @@ assert np.array_equal(logits.argmax(axis=-1), expected.argmax(axis=-1))
 # quite. An MPI library picks its all-reduce algorithm by message size, and
 # each algorithm adds the ranks' parts in its own order; a decode step's
 # message is [B, C] floats, so its size changes with the batch, and so could
-# the rounding. That would break lesson 5's promise: a request's logits must
+# the rounding. That would break lesson 8's promise: a request's logits must
 # not depend on its batch. So `mpi_tp.TPComm.reduce_sum` gathers every
 # rank's partial (an allgather) and adds them in rank order,
 # ((p0 + p1) + p2) + ..., on every rank, exactly as `sharded_block` above
@@ -312,7 +312,7 @@ if backend is not None:
                       "comm_seconds": backend.comm_seconds().tolist()}))
     backend.close()
 """
-script = OUT / "07_tp_generate.py"
+script = OUT / "10_tp_generate.py"
 script.write_text(SCRIPT)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
 
@@ -356,7 +356,7 @@ assert rounding < 1e-4 and gap > 100 * rounding
 # %% [markdown]
 # ## `flover bench` under MPI
 #
-# `flover bench`, which served lesson 3's instances, is `run_policy` on the
+# `flover bench`, which served lesson 4's instances, is `run_policy` on the
 # command line: it makes a Poisson trace from its flags (or reads one with
 # `--trace`), serves it under `--policy`, and prints one row per policy
 # (throughput in tok/s; `x fused`, fused throughput over this row's;
@@ -434,4 +434,4 @@ assert lead > 1e-3, "no step was a near tie that rounding could flip"
 #   `tests/test_tp_mpi.py` checks more worlds, random models, and fused
 #   against serial decoding bit for bit.
 #
-# Lesson 8 shows how to test a scheduler of your own.
+# Lesson 11 shows how to test a scheduler of your own.

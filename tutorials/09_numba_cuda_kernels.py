@@ -12,9 +12,9 @@
 # ---
 
 # %% [markdown]
-# # Lesson 6: Numba CUDA kernels
+# # Lesson 9: Numba CUDA kernels
 #
-# Lesson 5 made a decode step batch invariant on the CPU: every sum runs in
+# Lesson 8 made a decode step batch invariant on the CPU: every sum runs in
 # an order fixed by one request's own sizes. `numba_kernels/` writes the
 # same model for a GPU, as CUDA kernels in Python compiled by Numba, under
 # the same rule. This lesson reads those kernels one by one: the three
@@ -230,7 +230,7 @@ blas = x @ w + b  # NumPy in float32: the same product, summed in BLAS's order
 print(f"NumPy float32 (BLAS): {np.count_nonzero(blas != results[str(NAIVE)])} of {blas.size} outputs differ from the kernels")
 
 # %% [markdown]
-# Why bitwise equal, when lesson 5 showed that summing in another order
+# Why bitwise equal, when lesson 8 showed that summing in another order
 # changes the last bits? Because the three versions differ in *who* computes
 # an element and *where the inputs wait* (main memory, shared memory,
 # registers), never in the order of the sum. Every output element is summed
@@ -349,7 +349,7 @@ def decode_attention(qkv: np.ndarray, slots: np.ndarray, lengths: np.ndarray) ->
 
 out = decode_attention(qkv, slots, lengths)  # [3, C]
 q = np.ascontiguousarray(qkv[:, :C].reshape(len(slots), H, D))  # [B, H, D]
-cpu = invariant.decode_attention(q, k_cache, v_cache, slots, lengths).reshape(len(slots), C)  # lesson 5's kernel
+cpu = invariant.decode_attention(q, k_cache, v_cache, slots, lengths).reshape(len(slots), C)  # lesson 8's kernel
 print(f"NaN in the output: {np.isnan(out).any()}; max |GPU - CPU| {np.abs(out - cpu).max():.1e}")
 assert not np.isnan(out).any(), "no request read past its own length"
 assert np.allclose(out, cpu, rtol=1e-5, atol=1e-5)
@@ -368,7 +368,7 @@ print("each request's attention is bitwise the same alone and in the batch")
 #
 # ## The memory shuffle in one launch
 #
-# Lesson 4's shuffle plan moves requests into holes. On the device,
+# Lesson 5's shuffle plan moves requests into holes. On the device,
 # `numba_kernels.shuffle.move_slots(k, v, slot_lengths, src, dst, lengths)`
 # carries it out for the whole cache (all layers: k and v
 # [n_layer, n_slots, H, n_ctx, D]): pair p copies the first `lengths[p]`
@@ -379,7 +379,7 @@ print("each request's attention is bitwise the same alone and in the batch")
 # on consecutive floats. The destinations are holes, never sources, so the
 # blocks need no order among themselves.
 #
-# We take lesson 4's slot map, give each request a length, and compare with
+# We take lesson 5's slot map, give each request a length, and compare with
 # the NumPy copy, the `move` of lesson 2's `KVSlots`.
 
 # %%
@@ -388,7 +388,7 @@ from numba_kernels.shuffle import move_slots
 from reference import GPTConfig, KVSlots
 
 active = [True, False, False, True, True, False, True, True, False, False, True, False]
-plan = shuffle_plan(active)  # [(0, 2), (10, 5)], lesson 4
+plan = shuffle_plan(active)  # [(0, 2), (10, 5)], lesson 5
 src, dst = np.array([s for s, _ in plan]), np.array([d for _, d in plan])
 cached = np.where(active, rng.integers(1, 17, len(active)), 0)  # positions each slot holds
 config = GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=64, n_ctx=16)
@@ -413,7 +413,7 @@ for s, d in plan:
 # `numba_kernels.NumbaBackend(config, weights, n_slots)` puts it together. It
 # implements lesson 2's `Backend` protocol, `step(lanes)` and `move`, and
 # gets `prefill` and `decode` from `LaneBackend` as lanes, so the engine of
-# lessons 3 and 4 runs on it (`flover bench --backend numba`). It uploads the
+# lessons 4 and 5 runs on it (`flover bench --backend numba`). It uploads the
 # weights once and keeps the KV memory on the device, in Flover's slots (one
 # block of n_ctx positions per request; it refuses paged blocks). A step, any
 # mix of prompt chunks and decode tokens, runs from the embedding to the
@@ -498,5 +498,5 @@ print("a prompt at once == one token at a time, bitwise, on", RUNS_ON)
 # - `tests/test_numba_*.py` check all of this on random shapes, and
 #   `numba_kernels/README.md` says how to tune and benchmark on a GPU.
 #
-# Next, lesson 7 splits one model over several processes: tensor
+# Next, lesson 10 splits one model over several processes: tensor
 # parallelism over MPI.

@@ -12,10 +12,10 @@
 # ---
 
 # %% [markdown]
-# # Lesson 5: batch invariance
+# # Lesson 8: batch invariance
 #
-# Lessons 3 and 4 asserted that every policy returns *the same tokens* as
-# serial decoding, and lesson 4 that moving a request to another slot and
+# Lessons 4 and 5 asserted that every policy returns *the same tokens* as
+# serial decoding, and lesson 5 that moving a request to another slot and
 # another row of the batch changes *no logit, bit for bit*. Neither is
 # automatic. This lesson shows why batching normally changes floating-point
 # results, and how flover's kernels make a request's logits independent of
@@ -190,7 +190,7 @@ assert np.allclose(full, x @ w, rtol=1e-4, atol=1e-3), "and it is the same produ
 # `decode_attention` is the slot layout's name for the general kernel,
 # `attention_rows(q, k_cache, v_cache, block_table, lane, lengths)`: row r
 # belongs to lane `lane[r]` and reads its positions through that lane's
-# block table, whatever the blocks' size and wherever they lie (lesson 4's
+# block table, whatever the blocks' size and wherever they lie (lesson 5's
 # paged blocks). Cut the same keys and values into blocks of 16 positions,
 # scatter the blocks over the pool, and every row still gets the same bits.
 
@@ -232,7 +232,7 @@ print("invariant decode: a request's logits are bitwise the same alone and in a 
 # %% [markdown]
 # What about the prefill? Alone in its step, a prompt has no other request
 # to change its rounding. But the engine does not always run it alone: with
-# chunked prefill (lesson 3) a prompt is cut into chunks that share steps
+# chunked prefill (lesson 4) a prompt is cut into chunks that share steps
 # with other requests' decode rows, and how it is cut depends on the
 # schedule (the chunk size, the decodes in the same step, a recomputation
 # after a preemption). So the prefill runs on the same kernels: a prompt
@@ -249,7 +249,7 @@ print("invariant decode: a request's logits are bitwise the same alone and in a 
 #
 # `run_policy(..., keep_logits=True)` keeps, for every request, the logits
 # of every token it was given (`result.logits`, one [V] array per token).
-# Serve a trace serially and fused under the virtual clock of lesson 3, each
+# Serve a trace serially and fused under the virtual clock of lesson 4, each
 # prompt alone and in chunks of 8 tokens beside the decodes, and compare
 # every array of every request exactly. Half the requests sample
 # (temperature 0.8, top-k 40) with their own seeds: since each `Sampler`
@@ -301,5 +301,5 @@ assert equal_blas < n_blas
 #   for bit whoever shares its step, which is why every policy, and the
 #   memory shuffle, can be tested for *exact* equality with serial decoding.
 # - `tests/test_batch_invariance.py` and `tests/test_fusion_properties.py`
-#   check this on many random cases. Lesson 8 shows how to write such checks
+#   check this on many random cases. Lesson 11 shows how to write such checks
 #   for a scheduler of your own.

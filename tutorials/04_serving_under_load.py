@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # Lesson 3: serving under load
+# # Lesson 4: serving under load
 #
 # An inference server does not get one request at a time. Requests arrive
 # when their users send them, each with its own prompt and its own output
@@ -343,7 +343,7 @@ for pc in POLICIES:
 # script again in it (the *spawn* start method), so a script that starts
 # processes keeps its top level under `if __name__ == "__main__":`. A
 # lesson cannot, so we serve the instances with the `flover bench` command
-# (lesson 7 says more about it), which is `run_policy` behind such a guard:
+# (lesson 10 says more about it), which is `run_policy` behind such a guard:
 # we write our trace as JSON Lines (`flover.trace.write_trace`), and read
 # back each request's tokens and timestamps, and the metrics, from its
 # `--json` file.
@@ -411,4 +411,4 @@ assert prefill_only["chunked"] < prefill_only["alone"] == len(trace)
 #   after their own prefill and leave as soon as they finish, so the cost of
 #   a step is shared by everyone in flight and nobody waits for a batch.
 # - When a request in the middle of the fused batch leaves, its slot becomes
-#   a hole. Lesson 4 is about what to do with it.
+#   a hole. Lesson 5 is about what to do with it.

@@ -12,9 +12,9 @@
 # ---
 
 # %% [markdown]
-# # Lesson 4: the memory shuffle
+# # Lesson 5: the memory shuffle
 #
-# In lesson 3 the fused engine kept every request of its running batch in
+# In lesson 4 the fused engine kept every request of its running batch in
 # a KV slot and ran one decode step over all of them. This lesson looks at
 # those slots: how **holes** appear when requests leave, why a hole costs as
 # much as a request, and Flover's **memory shuffle**, which moves the fewest
@@ -211,7 +211,7 @@ print(f"shuffle_plan uses the fewest moves on all {checked} slot maps of 1 to 8 
 # shuffle and compare. Fill the active slots of our map with prompts of
 # different lengths, run one decode step over the requests of the window,
 # shuffle, and run the same step over the new, shorter window. Every
-# request's logits are the same bit for bit (lesson 5 explains why a
+# request's logits are the same bit for bit (lesson 8 explains why a
 # request's logits do not depend on which rows share its step).
 
 # %%
@@ -250,7 +250,7 @@ print(f"{len(plan)} moves copied {moved} positions, {moved * per_position / 1e3:
 # %% [markdown]
 # ## What the shuffle saves on a trace
 #
-# The fused policy of lesson 3 is the engine loop, `flover.engine.Engine`,
+# The fused policy of lesson 4 is the engine loop, `flover.engine.Engine`,
 # run with three parts: a scheduler (`FusedScheduler()`: each newcomer's
 # prompt alone, then one fused step for everyone), a clock, and a **KV
 # layout**, which decides where each request lives and what moves.
@@ -268,7 +268,7 @@ print(f"{len(plan)} moves copied {moved} positions, {moved * per_position / 1e3:
 # slot `moves`.
 #
 # Serve one Poisson trace with widely varying output lengths both ways,
-# under the virtual clock of lesson 3 so the two runs make the same
+# under the virtual clock of lesson 4 so the two runs make the same
 # decisions at the same times.
 
 # %%
@@ -313,7 +313,7 @@ show(fig, "04_rows_vs_batch.png")
 #
 # A computed hole costs what one more request in the step costs. Measure the
 # time of a decode step against its width, the slots it computes (fastest of
-# a few tries, as in lesson 3), and fit a straight line, a + b * width: b is
+# a few tries, as in lesson 4), and fit a straight line, a + b * width: b is
 # the price of one slot, and the idle rows above cost about b times their
 # number. On a GPU, where Flover ran, the gap is larger (it measured 1.29x
 # to 1.93x from shuffling on variable-length workloads); on this small CPU
@@ -396,5 +396,5 @@ assert peak["paged"] < peak["slots"]
 #   own block table, so nothing idle is computed and nothing moves, and a
 #   request holds only the blocks it fills.
 # - All of this relies on one fact used without proof so far: a request's
-#   logits do not depend on which other rows share its decode step. Lesson 5
+#   logits do not depend on which other rows share its decode step. Lesson 8
 #   shows why that is not automatic, and how flover makes it hold bit for bit.
