@@ -189,14 +189,16 @@ def elementwise_kernels() -> list[Kernel]:
     from numba_kernels import elementwise as ew
     from numba_kernels import shuffle
 
-    def per_row(reads: int, writes: int, width: Callable[[GPTConfig], int], threads: int, passes: int = 1) -> Launches:
+    def per_row(reads: int, writes: int, width: Callable[[GPTConfig], int], threads: int, passes: int = 1,
+                tree: bool = False) -> Launches:
         def launches(c: GPTConfig, batch: int, context: int) -> list[tuple[str, Work]]:
             w = width(c)
             n_bytes = F4 * batch * w * (reads + writes)
             if passes == 1:  # a thread an element
                 work = Work(n_bytes, 0.0, batch * math.ceil(w / threads), threads * F4 * reads, 1)
-            else:  # a block a row, each pass loading the whole row at once, two serial block sums of ``threads``
-                work = Work(n_bytes, 0.0, batch, F4 * w, passes * math.ceil(w / threads) + 2 * threads)
+            else:  # a block a row, each pass loading the whole row at once, then two block sums of ``threads``
+                sums = 2 * (int(math.log2(threads)) if tree else threads)  # tree levels, or thread 0's serial adds
+                work = Work(n_bytes, 0.0, batch, F4 * w, passes * math.ceil(w / threads) + sums)
             return [(f"{batch}x{w}", work)]
 
         return launches
@@ -211,9 +213,12 @@ def elementwise_kernels() -> list[Kernel]:
     return [
         Kernel("embedding", "elementwise.py", lambda: ew.embed_kernel, (i32(), i32(), f32(2), f32(2), f32(2)), 128,
                launches=per_row(2, 1, c_width, 128), tags=("old", "new")),
-        Kernel("layer norm", "elementwise.py", lambda: ew.layer_norm_kernel,
+        Kernel("layer norm", "elementwise.py v1", lambda: ew.layer_norm_kernel,
                (f32(2), f32(1), f32(1), types.float32, f32(2)), 256, launches=per_row(3, 1, c_width, 256, passes=3),
-               tags=("old", "new")),
+               tags=("old",)),
+        Kernel("layer norm tree", "elementwise.py v2", lambda: ew.layer_norm_tree_kernel,
+               (f32(2), f32(1), f32(1), types.float32, f32(2)), 256,
+               launches=per_row(3, 1, c_width, 256, passes=3, tree=True), tags=("new",)),
         Kernel("GELU", "elementwise.py", lambda: ew.gelu_kernel, (f32(2), f32(2)), 128,
                launches=per_row(1, 1, mlp_width, 128), tags=("old",)),
         Kernel("residual add", "elementwise.py", lambda: ew.residual_add_kernel, (f32(2), f32(2)), 128,
@@ -233,11 +238,12 @@ def kernels() -> list[Kernel]:
 def step_plan(version: str, c: GPTConfig, batch: int) -> list[tuple[str, str | None, int]]:
     """The launches of one decode step: (kernel name, which linear or None, times).
 
-    old: v3 GEMV (tiled above 8 rows), separate K/V store, residual adds and GELU, attention v1.
-    new: the backend now: v4 staged GEMV with fused epilogues (tiled and the separate kernels above 8 rows),
+    old: v3 GEMV (tiled above 8 rows), separate K/V store, residual adds and GELU, attention v1, layer norm v1.
+    new: the backend now: layer norm v2 (tree sums), v4 staged GEMV with fused epilogues (tiled and the separate kernels above 8 rows),
     attention v2 (chunks, then combine)."""
     layers, rows = c.n_layer, 1 << max(0, batch - 1).bit_length()
-    ends = [("take rows", None, 1), ("layer norm", None, 2 * layers + 1), ("embedding", None, 1)]
+    norm = "layer norm tree" if version == "new" else "layer norm"
+    ends = [("take rows", None, 1), (norm, None, 2 * layers + 1), ("embedding", None, 1)]
     attention = [("attention chunks", None, layers), ("attention combine", None, layers)]
     if version == "new" and batch <= 8:
         gemm = f"gemm staged 128x8x{rows}x{512 if rows <= 2 else 256}"

@@ -3,8 +3,14 @@
 Kernels, one version each:
 
 - ``embed_kernel``: x[r] = wte[token[r]] + wpe[position[r]]; one thread per element.
-- ``layer_norm_kernel``: one block per row; mean, then the mean of squared
-  deviations, each a fixed-order block reduction (``reduce.py``).
+- ``layer_norm_kernel`` (v1): one block per row; mean, then the mean of
+  squared deviations, each a block sum that thread 0 adds up serially
+  (``reduce.block_sum``: up to 256 dependent adds, twice).
+- ``layer_norm_tree_kernel`` (v2, the one ``layer_norm`` launches): the same
+  row pass, with each block sum a tree (``reduce.tree_sum``: log2(threads)
+  levels). The order of every sum is fixed by the width and the block size,
+  so a row's result does not depend on its batch; it differs from v1 in the
+  last bits, as any two summation orders do.
 - ``gelu_kernel``: GPT-2's tanh GELU ("gelu_new"); one thread per element.
 - ``residual_add_kernel``: x += y. The biases of the linear layers are added
   in the GEMM epilogue (``gemm.py``), where they cost one read per output.
@@ -23,7 +29,7 @@ import numpy as np
 from numba import cuda, float32
 
 from numba_kernels.grid import block_threads, cdiv
-from numba_kernels.reduce import MAX_THREADS, block_sum, reduce_threads
+from numba_kernels.reduce import MAX_THREADS, block_sum, reduce_threads, tree_sum
 
 THREADS = 128
 GELU_C = np.float32(math.sqrt(2.0 / math.pi))
@@ -53,6 +59,27 @@ def layer_norm_kernel(x, g, b, eps, out):  # pragma: no cover - kernel
         d = x[r, i] - mean
         total = cuda.fma(d, d, total)
     inv = float32(1.0) / math.sqrt(block_sum(part, total) / float32(c) + float32(eps))
+    for i in range(tid, c, nt):
+        out[r, i] = g[i] * ((x[r, i] - mean) * inv) + b[i]
+
+
+@cuda.jit
+def layer_norm_tree_kernel(x, g, b, eps, out):  # pragma: no cover - kernel
+    """v2: [B, C] -> [B, C], gain g and bias b [C]; one block per row, its size a power of two."""
+    r, tid, nt = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    c = x.shape[1]
+    part = cuda.shared.array(MAX_THREADS, float32)
+    total = float32(0.0)
+    for i in range(tid, c, nt):  # each thread folds its own strided elements, ascending
+        total += x[r, i]
+    part[tid] = total
+    mean = tree_sum(part, nt) / float32(c)
+    total = float32(0.0)
+    for i in range(tid, c, nt):
+        d = x[r, i] - mean
+        total = cuda.fma(d, d, total)
+    part[tid] = total
+    inv = float32(1.0) / math.sqrt(tree_sum(part, nt) / float32(c) + float32(eps))
     for i in range(tid, c, nt):
         out[r, i] = g[i] * ((x[r, i] - mean) * inv) + b[i]
 
@@ -103,9 +130,11 @@ def embed(tokens, positions, wte, wpe, out, stream=0):
     return out
 
 
-def layer_norm(x, g, b, eps: float, out, stream=0):
+def layer_norm(x, g, b, eps: float, out, stream=0, kernel=None):
+    """Layer norm of each row of x [B, C] into out; ``kernel`` is v2 unless given (v1 to compare)."""
+    kernel = layer_norm_tree_kernel if kernel is None else kernel
     if x.shape[0]:
-        layer_norm_kernel[x.shape[0], reduce_threads(x.shape[1]), stream](x, g, b, np.float32(eps), out)
+        kernel[x.shape[0], reduce_threads(x.shape[1]), stream](x, g, b, np.float32(eps), out)
     return out
 
 

@@ -39,18 +39,34 @@ def test_layer_norm_matches_numpy(rows, width, seed):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((rows, width), dtype=np.float32) * 3 + 1).astype(np.float32)
     g, b = rng.standard_normal(width, dtype=np.float32), rng.standard_normal(width, dtype=np.float32)
-    out = poisoned((rows, width))
-    ew.layer_norm(cuda.to_device(x), cuda.to_device(g), cuda.to_device(b), 1e-5, out)
-    np.testing.assert_allclose(written(out), ops.layer_norm(x, g, b, 1e-5), rtol=1e-4, atol=1e-4)
+    want = ops.layer_norm(x, g, b, 1e-5)
+    for kernel in LAYER_NORMS:
+        out = poisoned((rows, width))
+        ew.layer_norm(cuda.to_device(x), cuda.to_device(g), cuda.to_device(b), 1e-5, out, kernel=kernel)
+        np.testing.assert_allclose(written(out), want, rtol=1e-4, atol=1e-4)
 
 
-def test_layer_norm_row_alone_equals_row_in_batch():
+LAYER_NORMS = [ew.layer_norm_kernel, ew.layer_norm_tree_kernel]
+
+
+@pytest.mark.parametrize("kernel", LAYER_NORMS, ids=["v1", "v2"])
+def test_layer_norm_row_alone_equals_row_in_batch(kernel):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((5, 70), dtype=np.float32)
     g, b = cuda.to_device(np.ones(70, np.float32)), cuda.to_device(np.zeros(70, np.float32))
-    batch = ew.layer_norm(cuda.to_device(x), g, b, 1e-5, poisoned((5, 70))).copy_to_host()
-    alone = ew.layer_norm(cuda.to_device(x[3:4]), g, b, 1e-5, poisoned((1, 70))).copy_to_host()
+    batch = ew.layer_norm(cuda.to_device(x), g, b, 1e-5, poisoned((5, 70)), kernel=kernel).copy_to_host()
+    alone = ew.layer_norm(cuda.to_device(x[3:4]), g, b, 1e-5, poisoned((1, 70)), kernel=kernel).copy_to_host()
     assert np.array_equal(alone[0], batch[3])
+
+
+def test_layer_norm_launches_the_tree_version():
+    """A 100-wide row whose sum rounds differently in v1's thread order and in v2's tree: the default is v2."""
+    x = np.float32([[3.0e7, 1.0, -3.0e7] + [0.5] * 97])
+    one, zero = cuda.to_device(np.ones(100, np.float32)), cuda.to_device(np.zeros(100, np.float32))
+    runs = {k: ew.layer_norm(cuda.to_device(x), one, zero, 1e-5, poisoned((1, 100)), kernel=k).copy_to_host()
+            for k in (None, ew.layer_norm_tree_kernel, ew.layer_norm_kernel)}
+    assert np.array_equal(runs[None], runs[ew.layer_norm_tree_kernel])
+    assert not np.array_equal(runs[None], runs[ew.layer_norm_kernel])
 
 
 def test_gelu_matches_numpy_in_place():
