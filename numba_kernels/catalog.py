@@ -239,7 +239,8 @@ def step_plan(version: str, c: GPTConfig, batch: int) -> list[tuple[str, str | N
     """The launches of one decode step: (kernel name, which linear or None, times).
 
     old: v3 GEMV (tiled above 8 rows), separate K/V store, residual adds and GELU, attention v1, layer norm v1.
-    new: the backend now: layer norm v2 (tree sums), v4 staged GEMV with fused epilogues (tiled and the separate kernels above 8 rows),
+    new: the backend now: layer norm v2 (tree sums), v4 staged GEMV with fused epilogues
+    (tiled and the separate kernels above 8 rows),
     attention v2 (chunks, then combine)."""
     layers, rows = c.n_layer, 1 << max(0, batch - 1).bit_length()
     norm = "layer norm tree" if version == "new" else "layer norm"
