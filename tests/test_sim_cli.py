@@ -99,6 +99,21 @@ def test_calibrate_writes_a_device_file_that_simulate_runs_on(tmp_path, capsys):
     assert status == 0 and out.startswith("simulated on this-cpu (tiny, fp32)")
 
 
+def test_calibrate_on_several_cores_also_fits_one_thread_for_instances(tmp_path, capsys, monkeypatch):
+    """Where steps use several threads, calibration also times them on one: what each of N instances gets."""
+    from flover.sim import calibration
+
+    monkeypatch.setattr(calibration, "times_one_thread", lambda config: True)
+    status, out, _ = run(capsys, "calibrate", "--model", "tiny", "--quick", "--output", tmp_path / "cpu.json", "--quiet")
+    assert status == 0 and "on one thread" in out
+    record = json.loads((tmp_path / "cpu.json").read_text())
+    assert len(record["measurements_one_thread"]) == 2 * 3 + 2  # decode batches x positions, prefills
+    assert "matmul_tflops_one_thread" in record["figures"] and "One-thread fit error" in " ".join(record["notes"])
+    status, out, _ = run(capsys, "simulate", "--device", tmp_path / "cpu.json", "--model", "tiny", *TRACE,
+                         "--policy", "instances", "--quiet")  # fmt: skip
+    assert status == 0 and "instances (2)" in out
+
+
 def test_paper_experiments_quick_run(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paper_experiments.py"), "--quick", "--no-write"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip

@@ -134,3 +134,47 @@ def test_instances_on_one_device_share_its_memory_and_math_but_not_their_fixed_c
     assert first.finish_s == pytest.approx(shared, rel=2e-2)
     alone = sum(cost.shape_s(s) for s in request_steps(8, 50))
     assert alone < first.finish_s < 2 * alone  # faster than one after the other: the fixed costs overlap
+
+
+def cpu_device(cores: int, **figures) -> dict:
+    """A CPU with all-core figures 4x the one-thread ones, and a fixed cost per layer that grows with threads."""
+    base = {"memory_gb": 8, "memory_bandwidth_gb_s": 40, "bandwidth_efficiency": 1, "compute_efficiency": 1,
+            "overlap": 0.5, "layer_overhead_s": 2e-4, "peak_tflops_fp32": 0.4, "attention_efficiency": 0.5, "cores": cores,
+            "memory_bandwidth_gb_s_one_thread": 10, "matmul_tflops_one_thread": 0.1, "attention_tflops_one_thread": 0.05,
+            "overlap_one_thread": 0.1, "layer_overhead_s_one_thread": 1e-4}  # fmt: skip
+    base.update(figures)
+    return {"name": "cpu-test", "kind": "cpu", "dtype": "fp32",
+            "figures": {k: {"value": v, "source": "a test"} for k, v in base.items()}}  # fmt: skip
+
+
+def test_a_cpu_on_fewer_threads_lies_between_its_one_thread_and_all_core_figures():
+    cpu = device_from_record(cpu_device(4))
+    assert cpu.with_threads(4) is cpu and cpu.with_threads(9) is cpu
+    one = cpu.with_threads(1)
+    assert one.figure("memory_bandwidth_gb_s") == pytest.approx(10)
+    assert one.peak_flops("fp32") * one.figure("compute_efficiency") == pytest.approx(0.1e12)
+    assert one.peak_flops("fp32") * one.figure("attention_efficiency") == pytest.approx(0.05e12)
+    assert (one.figure("overlap"), one.figure("layer_overhead_s"), one.figure("cores")) == pytest.approx((0.1, 1e-4, 1))
+    # two of four threads: seconds per byte a + b / t through (1, 1/10 GB/s) and (4, 1/40 GB/s): 1 / 16 GB/s
+    two = cpu.with_threads(2)
+    assert 1 / two.figure("memory_bandwidth_gb_s") == pytest.approx(1 / 10 + (1 / 40 - 1 / 10) * (1 / 2) / (3 / 4))
+    assert two.figure("layer_overhead_s") == pytest.approx(1e-4 + 1e-4 * (2 / 3))
+    assert "between the one-thread" in two.sources["overlap"] and "a test" in two.sources["memory_gb"]
+    assert not two.has("matmul_tflops_one_thread")  # its own figures: no second interpolation from them
+    gpu = load_device("a100-80gb")
+    assert gpu.with_threads(1) is gpu
+
+
+def test_instances_on_a_cpu_each_run_on_their_own_cores():
+    """Two instances on two cores: each step priced at one thread, side by side without slowing each other."""
+    cpu = device_from_record(cpu_device(2))
+    plan = Plan(cpu, model_shape("gpt2"))
+    both = [Request(i, 0.0, (1, 2, 3, 4, 5, 6, 7, i), 20) for i in range(2)]
+    run = simulate(plan, PolicyConfig("instances", instances=2), both)
+    one_thread = CostModel(cpu.with_threads(1), plan.shape)
+    alone = sum(one_thread.shape_s(s) for s in request_steps(8, 20))
+    assert [r.finish_s for r in run.results] == pytest.approx([alone, alone], rel=1e-6)
+    assert alone > 2 * sum(plan.cost().shape_s(s) for s in request_steps(8, 20))  # math-bound: 4x slower
+    cost, contention = plan.instance_cost(4)  # four on two cores: one thread each, and twice the demand
+    assert (contention(1), contention(2), contention(4)) == (1.0, 1.0, 2.0)
+    assert cost.device.figure("cores") == 1

@@ -26,17 +26,22 @@ from flover.sim.cost import StepShape
 from flover.sim.fit import CpuFit, Measured, fit_cpu
 from flover.sim.shapes import ModelShape
 from reference import Lane, NumpyBackend, init_weights
+from reference.backend import ONE_THREAD_BELOW, block_weights
 
 GRIDS = {  # decode batches, decode positions, prefill lengths, shuffle (slots, positions)
     "full": ((1, 2, 4, 8, 16, 32), (16, 256, 768), (8, 32, 128, 384), (8, 512)),
     "quick": ((1, 4, 16), (8, 96, 192), (8, 32, 128), (4, 128)),
 }
+# On one thread (what each of N concurrent instances gets of N cores): small batches and prompts only, the
+# steps a serial instance makes; the figures between one thread and all are interpolated (``Device.with_threads``).
+ONE_THREAD_GRIDS = {"full": ((1, 2, 4), (16, 256, 768), (8, 32, 128)), "quick": ((1, 4), (8, 96, 192), (8, 32))}
 
 
 @dataclass(slots=True)
 class Calibration:
     shape: ModelShape
     measured: list[Measured] = field(default_factory=list)
+    one_thread: list[Measured] = field(default_factory=list)  # the same steps on one thread (none: cores == 1)
     lane_overhead_s: float = 0.0
     copy_bandwidth: float = 0.0  # bytes read + written per second
     threads: int = 1
@@ -75,6 +80,37 @@ def lane_overhead_s(vocab_size: int, repeats: int = 300) -> float:
     return (time.perf_counter() - begin) / repeats
 
 
+def step_points(backend: NumpyBackend, batches, positions, prompts) -> dict[tuple[str, int, int], Callable[[], object]]:
+    """A call per decode (batch, position) and per prefill length, keyed (kind, batch, position or length)."""
+    points: dict[tuple[str, int, int], Callable[[], object]] = {}
+    for b in batches:
+        for p in positions:
+            lanes = [Lane.of(backend.slot_blocks(s), [1], p) for s in range(b)]
+            points[("decode", b, p)] = lambda lanes=lanes: backend.step(lanes)
+    for n in prompts:
+        lane = Lane.of(backend.slot_blocks(0), np.arange(n) % backend.config.vocab_size, 0)
+        points[("prefill", 1, n)] = lambda lane=lane: backend.step([lane])
+    return points
+
+
+def measured_steps(best: dict[tuple[str, int, int], float]) -> list[Measured]:
+    shapes = {"decode": StepShape.decode, "prefill": lambda b, n: StepShape.prefill(n)}
+    return [Measured(kind, shapes[kind](b, p), s) for (kind, b, p), s in best.items() if kind in shapes]
+
+
+def times_one_thread(config) -> bool:
+    """Whether ``measure`` also times one thread: there are several, and the backend would use them."""
+    return numba.get_num_threads() > 1 and block_weights(config) >= ONE_THREAD_BELOW
+
+
+def points_count(grid: str, config) -> int:
+    """How many points ``measure`` times per round (for a progress bar)."""
+    batches, positions, prompts, _ = GRIDS[grid]
+    one = ONE_THREAD_GRIDS[grid]
+    return len(batches) * len(positions) + len(prompts) + 1 + (
+        len(one[0]) * len(one[1]) + len(one[2]) if times_one_thread(config) else 0)
+
+
 def measure(shape: ModelShape, grid: str = "full", rounds: int = 3, repeats: int = 3,
             progress: Callable[[], None] | None = None) -> Calibration:  # fmt: skip
     """Time the NumPy backend (batch-invariant kernels, random weights) on this machine."""
@@ -84,23 +120,17 @@ def measure(shape: ModelShape, grid: str = "full", rounds: int = 3, repeats: int
         raise ValueError(f"calibration positions up to {max(positions)} need a context of more than {config.n_ctx}")
     calibration = Calibration(shape, threads=numba.get_num_threads(), load=(os.getloadavg()[0], 0.0),
                               started=datetime.datetime.now().isoformat(timespec="minutes"))  # fmt: skip
-    backend = NumpyBackend(config, init_weights(config, seed=0), max(max(batches), 2 * moved))
-    points: dict[tuple[str, int, int], Callable[[], object]] = {}
-    for b in batches:
-        for p in positions:
-            lanes = [Lane.of(backend.slot_blocks(s), [1], p) for s in range(b)]
-            points[("decode", b, p)] = lambda lanes=lanes: backend.step(lanes)
-    for n in prompts:
-        lane = Lane.of(backend.slot_blocks(0), np.arange(n) % config.vocab_size, 0)
-        points[("prefill", 1, n)] = lambda lane=lane: backend.step([lane])
+    weights = init_weights(config, seed=0)
+    backend = NumpyBackend(config, weights, max(max(batches), 2 * moved))
+    points = step_points(backend, batches, positions, prompts)
     src, dst = np.arange(moved), np.arange(moved, 2 * moved)
     points[("move", moved, move_len)] = lambda: backend.move(src, dst, np.full(moved, move_len))
     best = fastest_s(points, rounds, repeats, progress)
-    for (kind, b, p), seconds in best.items():
-        if kind == "decode":
-            calibration.measured.append(Measured(kind, StepShape.decode(b, p), seconds))
-        elif kind == "prefill":
-            calibration.measured.append(Measured(kind, StepShape.prefill(p), seconds))
+    calibration.measured = measured_steps(best)
+    if times_one_thread(config):
+        one = NumpyBackend(config, weights, max(ONE_THREAD_GRIDS[grid][0]), threads=1)
+        calibration.one_thread = measured_steps(fastest_s(step_points(one, *ONE_THREAD_GRIDS[grid]), rounds, repeats,
+                                                          progress))  # fmt: skip
     move_bytes = moved * move_len * 2 * config.n_layer * config.n_embd * 4  # K and V of every layer, fp32
     calibration.copy_bandwidth = 2 * move_bytes / best[("move", moved, move_len)]
     calibration.lane_overhead_s = lane_overhead_s(config.vocab_size)
@@ -130,7 +160,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def device_record(calibration: Calibration, fit: CpuFit, name: str = "cpu") -> dict:
+def device_record(calibration: Calibration, fit: CpuFit, name: str = "cpu", one_thread: CpuFit | None = None) -> dict:
     """The device file's contents: the fitted figures, each with its source, and the measurements."""
     c = calibration
     how = (f"flover calibrate on {cpu_name()} ({os.cpu_count()} cores, {c.threads} Numba threads), {c.started}, "
@@ -149,7 +179,20 @@ def device_record(calibration: Calibration, fit: CpuFit, name: str = "cpu") -> d
         "layer_overhead_s": (fit.layer_overhead_s, f"{fitted}: fixed cost per layer and step (thread wake-ups, calls)"),
         "lane_overhead_s": (c.lane_overhead_s, f"measured by {how}: a Lane and a greedy sample from [V] logits"),
         "copy_bandwidth_gb_s": (c.copy_bandwidth / 1e9, f"measured by {how}: a memory shuffle's copies"),
+        "cores": (c.threads, f"the Numba threads of {how}"),
     }
+    notes = []
+    if one_thread is not None:
+        on_one = f"fitted by {how}, on one thread"
+        figures |= {
+            "memory_bandwidth_gb_s_one_thread": (one_thread.bandwidth / 1e9, f"{on_one}: the bandwidth"),
+            "matmul_tflops_one_thread": (one_thread.matmul_rate / 1e12, f"{on_one}: the matmuls' rate"),
+            "attention_tflops_one_thread": (one_thread.attention_rate / 1e12, f"{on_one}: the attention op's rate"),
+            "overlap_one_thread": (one_thread.overlap, f"{on_one}: the best of 0, 0.1, ..., 1"),
+            "layer_overhead_s_one_thread": (one_thread.layer_overhead_s, f"{on_one}: fixed cost per layer and step"),
+        }
+        e = np.abs(one_thread.errors(c.one_thread))
+        notes.append(f"One-thread fit error over {len(e)} steps: median {np.median(e):.1%}, worst {e.max():.1%}.")
     return {
         "name": name, "kind": "cpu", "dtype": "fp32", "description": f"{cpu_name()}, {os.cpu_count()} cores (calibrated)",
         "figures": {k: {"value": float(f"{v:.6g}"), "source": s} for k, (v, s) in figures.items()},
@@ -158,15 +201,22 @@ def device_record(calibration: Calibration, fit: CpuFit, name: str = "cpu") -> d
             "shared or busy machine are noisy: run `flover calibrate` again on a quiet one before trusting them.",
             f"Fit error over {len(errors)} steps: median {np.median(np.abs(errors)):.1%}, worst {np.abs(errors).max():.1%}.",
             *[f"The {name} did not show in the steps of {c.shape.name}: left at its floor." for name in fit.unmeasured()],
+            *notes,
         ],
-        "measurements": [
-            {"kind": m.kind, "rows": m.shape.rows, "lanes": m.shape.lanes, "cached": m.shape.cached,
-             "measured_s": float(f"{m.seconds:.6g}"), "modelled_s": float(f"{p:.6g}")}
-            for m, p in zip(c.measured, fit.modelled)
-        ],  # fmt: skip
+        "measurements": measurement_rows(c.measured, fit),
+        **({"measurements_one_thread": measurement_rows(c.one_thread, one_thread)} if one_thread else {}),
     }
 
 
-def calibrate(shape: ModelShape, grid: str = "full", rounds: int = 3, progress=None) -> tuple[Calibration, CpuFit]:
+def measurement_rows(measured: list[Measured], fit: CpuFit) -> list[dict]:
+    return [{"kind": m.kind, "rows": m.shape.rows, "lanes": m.shape.lanes, "cached": m.shape.cached,
+             "measured_s": float(f"{m.seconds:.6g}"), "modelled_s": float(f"{p:.6g}")}
+            for m, p in zip(measured, fit.modelled)]  # fmt: skip
+
+
+def calibrate(shape: ModelShape, grid: str = "full", rounds: int = 3,
+              progress=None) -> tuple[Calibration, CpuFit, CpuFit | None]:  # fmt: skip
+    """Measure, then fit: (calibration, the all-core fit, the one-thread fit or None)."""
     calibration = measure(shape, grid, rounds, progress=progress)
-    return calibration, fit_cpu(shape, calibration.measured)
+    one = fit_cpu(shape, calibration.one_thread) if calibration.one_thread else None
+    return calibration, fit_cpu(shape, calibration.measured), one

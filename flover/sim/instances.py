@@ -3,9 +3,12 @@
 ``flover.engine.simulate_instances`` runs instances one after another on
 forked clocks, as if each had a device to itself. Here they take turns step
 by step in time order, so that each step knows how many instances are busy
-while it runs: with k busy, its memory traffic and math take k times as long
-(``CostModel.compute_s``'s ``share``), while its fixed overheads overlap with
-the others'. As in ``flover.engine.instances``, a request goes, when it
+while it runs: with k busy on a GPU, its memory traffic and math take k
+times as long (``CostModel.compute_s``'s ``share``), while its fixed
+overheads overlap with the others'. On a CPU each of N instances runs on
+cores / N threads of its own (as ``flover.engine.instances`` starts them),
+priced by the device's figures at that many threads and slowed only when
+the busy ones want more threads than there are cores. As in ``flover.engine.instances``, a request goes, when it
 arrives, to the instance with the fewest outstanding requests.
 """
 
@@ -23,7 +26,7 @@ from reference.backend import Backend
 class Instance:
     """One model copy: a serial engine on its own clock, and the requests routed to it that it has not seen."""
 
-    def __init__(self, backend: Backend, cost: CostModel, share: Callable[[float], int], keep_logits: bool) -> None:
+    def __init__(self, backend: Backend, cost: CostModel, share: Callable[[float], float], keep_logits: bool) -> None:
         self.clock = CostClock(cost, share=share)
         self.engine = Engine(backend, SerialScheduler(), SlotLayout(backend.config, 1), self.clock, keep_logits)
         self.inbox: deque[Request] = deque()
@@ -50,13 +53,17 @@ class Instance:
             self.clock.wait_until(self.inbox[0].arrival_s)
 
 
-def simulate_shared(backends: Sequence[Backend], cost: CostModel, requests: Sequence[Request],
-                    keep_logits: bool = False) -> tuple[list[RequestResult], EngineStats]:  # fmt: skip
-    """Serve ``requests`` on one instance per backend, all on one device priced by ``cost``."""
+def simulate_shared(backends: Sequence[Backend], cost: CostModel, requests: Sequence[Request], keep_logits: bool = False,
+                    contention: Callable[[int], float] = lambda busy: max(1, busy),
+                    ) -> tuple[list[RequestResult], EngineStats]:  # fmt: skip
+    """Serve ``requests`` on one instance per backend, all on one device priced by ``cost``.
+
+    ``contention(busy)``: how many times longer memory and math take while ``busy`` instances run: on a GPU
+    the busy ones time-share it (``busy``); on a CPU each has its own cores (``Plan.instance_cost``)."""
     instances: list[Instance] = []
 
-    def busy_now(t: float) -> int:
-        return max(1, sum(i.busy for i in instances))
+    def busy_now(t: float) -> float:
+        return contention(sum(i.busy for i in instances))
 
     instances.extend(Instance(b, cost, busy_now, keep_logits) for b in backends)
     pending = deque(sorted(requests, key=lambda r: r.arrival_s))

@@ -8,7 +8,7 @@ and (``check_fits``) weights and KV memory beyond the device's memory.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from flover.engine import Request
@@ -59,6 +59,19 @@ class Plan:
     def cost(self) -> CostModel:
         return CostModel(self.device, self.shape, self.tp, self.nodes, self.dtype)
 
+    def instance_cost(self, n: int) -> tuple[CostModel, Callable[[int], float]]:
+        """One of ``n`` concurrent instances' cost model, and its contention (``simulate_shared``).
+
+        A GPU's instances time-share it: with k busy, each step's memory and math take k times as long. A
+        CPU's get cores // n threads each (``flover.engine.instances``), priced at that many threads, and
+        contend only when the busy ones want more threads than there are cores."""
+        if self.device.kind != "cpu":
+            return self.cost(), lambda busy: max(1, busy)
+        cores = int(self.device.figure("cores", 1))
+        threads = max(1, cores // n)
+        cost = CostModel(self.device.with_threads(threads), self.shape, 1, 1, self.dtype)
+        return cost, lambda busy: max(1.0, busy * threads / cores)
+
 
 def rank_bytes(plan: Plan, pc: PolicyConfig) -> tuple[float, float]:
     """(weights, KV memory) one rank holds under the policy; instances hold a copy of the model each."""
@@ -91,7 +104,8 @@ def simulate(plan: Plan, pc: PolicyConfig, requests: Sequence[Request], keep_log
     if pc.policy != "instances":
         return run_policy(pc, factory, requests, clock=CostClock(plan.cost()), keep_logits=keep_logits,
                           on_finish=on_finish)  # fmt: skip
-    results, stats = simulate_shared([factory(1) for _ in range(pc.instances)], plan.cost(), requests, keep_logits)
+    cost, contention = plan.instance_cost(pc.instances)
+    results, stats = simulate_shared([factory(1) for _ in range(pc.instances)], cost, requests, keep_logits, contention)
     for result in results if on_finish else ():
         on_finish(result)
     budget = pc.instances * factory(1).kv.nbytes(plan.shape.config)
