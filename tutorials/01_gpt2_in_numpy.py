@@ -305,8 +305,11 @@ print("my_forward == reference.forward, bitwise:", np.array_equal(logits, expect
 #
 # Row t of the logits scores the token that follows position t. The mask
 # makes row t depend on tokens 0..t only: change the last token and every
-# earlier row stays the same (up to the last bits of rounding, since BLAS may
-# group a matrix product differently). That is what lets a model train on
+# earlier row stays the same (up to the last bits of rounding: NumPy's `@`
+# hands matrix products to BLAS, the Basic Linear Algebra Subprograms, a
+# library of tuned routines that may add up a product's terms in another
+# order for another shape, and floating-point sums in another order round
+# differently; lesson 8 goes into it). That is what lets a model train on
 # every position at once, and it is what lesson 2 exploits to generate
 # without recomputing the past.
 

@@ -31,9 +31,14 @@
 # ruff: noqa: E402  (each cell imports what it first uses, as a reader meets it)
 import os
 
-# One thread per process, set before NumPy and Numba load: on a small model and a
-# busy machine, parallel kernels spend more time waiting for each other than
-# computing, and timings jump. Set these variables yourself to use more threads.
+# The backend below runs its math in *kernels*: small compiled loops, one per
+# operation (a matrix product, attention, layer norm). flover compiles them
+# with Numba, a library that turns Python loops over NumPy arrays into machine
+# code (lesson 8 writes one). NumPy's own `@` hands matrix products to BLAS
+# (lesson 1). Both can use several threads; we ask for one per process, set
+# before NumPy and Numba load: on a small model and a busy machine, parallel
+# kernels spend more time waiting for each other than computing, and timings
+# jump. Set these variables yourself to use more threads.
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -60,18 +65,19 @@ prompt = np.array(tokenizer.encode("class Point:\n    def __repr__(self):\n"))  
 P, N = len(prompt), 32  # prompt length, tokens to generate
 
 
-def generate_without_cache(prompt: np.ndarray, n: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens, and the time each one took."""
-    tokens, times = list(prompt), []
+def generate_without_cache(prompt: np.ndarray, n: int) -> tuple[list[int], list[float], int]:
+    """Greedy tokens, the time each one took, and how many token rows went through the model."""
+    tokens, times, rows = list(prompt), [], 0
     for _ in range(n):
         start = time.perf_counter()
         logits = forward(weights, config, np.array(tokens))  # [len(tokens), V]: every position again
+        rows += len(logits)
         tokens.append(int(np.argmax(logits[-1])))
         times.append(time.perf_counter() - start)
-    return tokens[len(prompt) :], times
+    return tokens[len(prompt) :], times, rows
 
 
-no_cache_tokens, no_cache_times = generate_without_cache(prompt, N)
+no_cache_tokens, no_cache_times, no_cache_rows = generate_without_cache(prompt, N)
 print(repr(tokenizer.decode(prompt.tolist()) + tokenizer.decode(no_cache_tokens)))
 
 # %% [markdown]
@@ -323,19 +329,29 @@ print(f"with stop id {newline}: {len(stopped)} tokens, {stopped[-1] == newline a
 #
 # Count the token rows that pass through the model. Without the cache, step i
 # runs P + i rows, N * P + N(N-1)/2 in all; with it, the prefill runs P rows
-# and each of the N - 1 decode steps one row.
+# and each of the N - 1 decode steps one row. The loop without a cache
+# counted its rows as it went; for the cached loop we count the rows of
+# every lane the backend's `step` receives, by wrapping that method while
+# the loop runs again.
 
 # %%
-rows_without = sum(P + i for i in range(N))
-rows_with = P + (N - 1)
-print(f"P = {P}, N = {N}: {rows_without} rows without the cache, {rows_with} with it ({rows_without / rows_with:.1f}x)")
-assert rows_without == N * P + N * (N - 1) // 2
+fed = []
+plain_step = backend.step
+backend.step = lambda lanes: fed.append(sum(len(lane.tokens) for lane in lanes)) or plain_step(lanes)
+assert generate_with_cache(backend, prompt, N)[0] == cache_tokens
+del backend.step  # back to the class's own method
+rows_with = sum(fed)
+print(f"P = {P}, N = {N}: {no_cache_rows} rows without the cache, {rows_with} with it "
+      f"({no_cache_rows / rows_with:.1f}x), in {len(fed)} steps")  # fmt: skip
+assert no_cache_rows == N * P + N * (N - 1) // 2
+assert (rows_with, len(fed)) == (P + N - 1, N), "one prefill of P rows, then decode steps of one row"
 
 # %% [markdown]
 # And in time: the two loops above timed every token. Without the cache a
-# step gets slower as the text grows; with it, after the prefill, every step
-# costs about the same. (These are wall-clock times on your machine, so the
-# exact figures will vary from run to run.)
+# step gets slower as the text grows, since it runs every row again; with
+# it, after the prefill, a step runs one row and grows only by reading one
+# more cached key and value per position. (These are wall-clock times on
+# your machine, so the exact figures will vary from run to run.)
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -359,11 +375,13 @@ assert sum(cache_times) < sum(no_cache_times)
 #
 # A forward pass over L tokens grows with L (every linear layer sees L rows;
 # attention compares L x L pairs), while a decode step at position L runs one
-# row and reads L cached keys and values. In a big model a decode step is
-# bound by reading every weight from memory for a single token; a prefill
-# reads the same weights once for all P prompt tokens, which is why it costs
-# far less per token. Batching many requests into one decode step (lesson 4)
-# shares that read in the same way.
+# row and reads L cached keys and values: it grows too, but far more slowly.
+# A prefill of L tokens does the work of L rows in one step: it reads every
+# weight once for all L of them, where L decode steps read every weight L
+# times, and its matrix products keep the processor busier. So it costs far
+# less per token than a decode step. Batching many requests into one decode
+# step (lesson 4) shares that read in the same way; lesson 3 counts the
+# bytes and the arithmetic, and shows on which machines it matters most.
 
 
 # %%
@@ -396,8 +414,13 @@ ax.set_ylabel("ms (fastest of 5)")
 ax.set_yscale("log")
 ax.legend()
 show(fig, "02_costs.png")
-assert costs["forward"][-1] > costs["forward"][0], "a forward pass costs more for a longer text"
-assert costs["decode step"][-1] < costs["forward"][-1], "one cached step is cheaper than recomputing"
+growth = {name: ms[-1] / ms[0] for name, ms in costs.items()}
+print(f"from L={lengths[0]} to L={lengths[-1]}: forward x{growth['forward']:.1f}, decode step x{growth['decode step']:.1f}")
+assert growth["forward"] > 2 * growth["decode step"], "a cached step grows far more slowly than recomputing"
+assert all(d < f for d, f in zip(costs["decode step"][1:], costs["forward"][1:])), "and is cheaper past a few tokens"
+per_token = [p / d for p, d in zip(costs["prefill per token"], costs["decode step"])]
+print("prefill per token / decode step:", "  ".join(f"L={L}: {r:.2f}" for L, r in zip(lengths, per_token)))
+assert max(per_token) < 0.5, "a prompt token costs far less in a prefill than a token costs in a decode step"
 
 # %% [markdown]
 # ## What we have
