@@ -32,8 +32,8 @@
 # ruff: noqa: E402  (each cell imports what it first uses, as a reader meets it)
 import os
 
-# One thread per process, set before the numeric libraries load: on a small model and a
-# busy machine, parallel threads spend more time waiting for each other than
+# One thread per process, set before NumPy and Numba load: on a small model and a
+# busy machine, parallel kernels spend more time waiting for each other than
 # computing, and timings jump. Set these variables yourself to use more threads.
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -101,11 +101,11 @@ show(fig, "04_arrivals.png")
 # the server has nothing to do; and `spend(lanes, prefill)`, which a server
 # calls after each step, and which moves the time on by `prefill_s` for
 # each of the step's `prefill` prompt lanes, plus `step_s` if the step
-# decodes at all, *whatever its batch*. Lesson 3 found, modelling a big
-# model on an H100 GPU, that this is about right there: a decode step costs
-# about the same for 1 request as for 16, because its time goes into
-# reading the weights, once per step however many requests share them. (On
-# this CPU it is not so; we measure it below.) Under a virtual clock the
+# decodes at all, *whatever its batch*. Lesson 3 found that this is about
+# right on a GPU (an H100, simulated): a decode step costs about the same
+# for 1 request as for 32, because its time goes into kernel launches and
+# reading the weights, both once per step however many requests share it.
+# (On this CPU it is not so; we measure it below.) Under a virtual clock the
 # model still computes every token for real; only the timestamps are
 # modelled, so a run is deterministic and a picture of it is exact.
 #
@@ -448,11 +448,12 @@ assert steps["fused"] < steps["dynamic"] < steps["serial"]
 # ## On the wall clock
 #
 # The virtual clock assumed a step costs the same at any batch size. On
-# this CPU a bigger batch costs more, so measure it: the time of one decode
-# step for B requests, and of a prefill of a prompt of the trace's mean
-# length. Other programs share the machine, so each call runs many times,
-# the calls taking turns so that a busy moment slows them all alike, and
-# each keeps its fastest time.
+# this CPU a bigger batch costs more (lesson 3 measured the gpt2 shape), so
+# measure it for this lesson's model: the time of one decode step for B
+# requests, and of a prefill of a prompt of the trace's mean length. Other
+# programs share the machine, so each call runs many times, the calls
+# taking turns so that a busy moment slows them all alike, and each keeps
+# its fastest time.
 
 # %%
 import time
@@ -491,17 +492,18 @@ assert ms[-1] > 1.3 * ms[0], f"on this CPU a step of {SLOTS} costs clearly more 
 
 # %% [markdown]
 # A step grows with its batch, but a token still costs much less inside a
-# batch, and these few numbers bound what any policy can gain here. Serial
-# decoding pays a whole batch-1 step per token; a fused batch of 8 pays an
-# eighth of its step. Both pay for every prompt's prefill, which fusion
-# cannot share, so spread one prefill over the tokens its request generates
-# and compare:
+# batch. Lesson 3's ceiling of fusion, `B x step(1) / step(B)`, counted
+# decode steps alone: serial decoding pays a whole batch-1 step per token, a
+# fused batch of 8 an eighth of its step. But every policy also pays for
+# each prompt's prefill, which fusion cannot share, so spread one prefill
+# over the tokens its request generates and compare:
 #
 #     ceiling = (step(1) + prefill / n_out) / (step(8) / 8 + prefill / n_out)
 #
 # On the GPU of lesson 3, where step(8) is close to step(1), the ceiling
-# comes near 8. `benchmarks/fusion_ceiling.py` measures it for the gpt2
-# shape on a CPU (7.5x at 32 slots on 2 cores, in `benchmarks/RESULTS.md`).
+# comes near 8 for long outputs. `benchmarks/fusion_ceiling.py` measures it
+# for the gpt2 shape on a CPU (7.5x at 32 slots on 2 cores, in
+# `benchmarks/RESULTS.md`).
 
 # %%
 n_out = float(np.mean([r.max_new_tokens for r in trace]))
