@@ -18,14 +18,15 @@
 # serial decoding, and lesson 5 that moving a request to another slot and
 # another row of the batch changes *no logit, bit for bit*. Neither is
 # automatic. This lesson shows why batching normally changes floating-point
-# results, and how flover's kernels make a request's logits independent of
-# the batch it shares, so that fused decoding equals serial decoding
-# exactly.
+# results, then builds a matrix product whose rows do not depend on their
+# batch, checks it bit for bit against flover's own, times it, and ends with
+# fused decoding equal to serial decoding exactly.
 
 # %% [markdown]
-# The helpers of lesson 1 (`OUT`, `show`, `show_file`). This lesson leaves
-# the number of Numba threads free at first, to show it changes nothing, and
-# keeps BLAS on one thread.
+# The helpers of lesson 1 (`show` for pictures). This lesson times things,
+# so NumPy's matrix library runs on one thread (below). Numba, the compiler
+# we meet later, keeps its default number of threads at first: we show that
+# the count changes no result, then time on one thread too.
 
 # %%
 # ruff: noqa: E402  (each cell imports what it first uses, as a reader meets it)
@@ -33,6 +34,7 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy loads
 
+import inspect
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -53,16 +55,9 @@ assert (a + b) + c == 1 and a + (b + c) == 0 and np.spacing(a) == 8
 
 # %% [markdown]
 # The same happens, one unit in the last place at a time, in any sum of
-# ordinary numbers: 0.1, 0.2 and 0.3 as float64 already disagree.
-
-# %%
-assert (0.1 + 0.2) + 0.3 != 0.1 + (0.2 + 0.3)
-print(f"(0.1 + 0.2) + 0.3 = {(0.1 + 0.2) + 0.3!r}, 0.1 + (0.2 + 0.3) = {0.1 + (0.2 + 0.3)!r}")
-
-# %% [markdown]
-# Summing many numbers, every order gives its own answer: one after another
-# (what `np.add.accumulate` does), NumPy's pairwise `np.sum`, the same
-# numbers backwards, or sorted.
+# ordinary numbers. Summing many numbers, every order gives its own answer:
+# one after another (what `np.add.accumulate` does), NumPy's pairwise
+# `np.sum`, the same numbers backwards, or sorted.
 
 # %%
 values = np.random.default_rng(0).standard_normal(10_000).astype(np.float32)
@@ -78,25 +73,64 @@ for name, total in sums.items():
 assert len({float(t) for t in sums.values()}) > 1, "different orders, different float32 sums"
 
 # %% [markdown]
-# ## A matrix product depends on its batch
+# ## What `x @ w` runs: BLAS
 #
 # A linear layer multiplies a batch of rows, [B, K] @ [K, N]: each output
-# element is a sum over K products. BLAS libraries pick a kernel by shape: a
-# single row goes to a matrix-*vector* routine (GEMV), several rows to a
-# matrix-*matrix* routine (GEMM), and the two split and order the K sum
-# differently (blocking, SIMD lanes, fused multiply-adds). So the same row
-# gets a slightly different answer alone and inside a batch. Here on the
-# GPT-2 124M shape of the attention input projection, 768 -> 2304:
+# element is a sum of K products. NumPy does not compute `@` itself. It calls
+# **BLAS**, the *Basic Linear Algebra Subprograms*: a standard list of
+# routines, implemented by libraries tuned for each processor (OpenBLAS here,
+# Intel's MKL, Apple's Accelerate). Two of its routines matter here:
+# **GEMM** (general matrix-matrix multiply) for a batch of rows and **GEMV**
+# (matrix-vector) for a single row. A fast GEMM uses three tricks:
+#
+# - **Blocking.** Main memory is slow next to the arithmetic (lesson 3). A
+#   core keeps recently used data in its **caches**, small fast memories, and
+#   its **registers**, the few dozen values it computes on directly. GEMM cuts
+#   the matrices into blocks that fit there and multiplies block by block, so
+#   each number read from memory serves many multiply-adds. The sum over K is
+#   then done block by block: partial sums over one block of k, added
+#   together later.
+# - **Vectorisation.** A modern core has **SIMD** instructions (*single
+#   instruction, multiple data*): one instruction adds or multiplies 8
+#   float32 at once (16 on a CPU with AVX-512), each in its own **lane** of a
+#   wide register. A sum can use the lanes in two ways: side by side for 8
+#   *different* outputs, which reorders nothing, or to split *one* sum into 8
+#   partial sums (lane i takes terms i, i + 8, ...) added at the end, which
+#   reorders it.
+# - **Fused multiply-add** (FMA): a * b + c in one instruction, rounded once
+#   instead of twice.
+#
+# Each routine picks its blocks, lanes and FMAs for its own shapes, so GEMV
+# and GEMM (and GEMM at different batch sizes) may add the same K products in
+# different orders. Here are two of those orders, on the 768 products of one
+# row of x with each of 2304 columns of w (GPT-2 124M's attention input
+# projection, 768 -> 2304): one after another, and split over 8 lanes.
 
 # %%
 rng = np.random.default_rng(0)
 x = rng.standard_normal((32, 768), dtype=np.float32)  # a batch of 32 rows
 w = rng.standard_normal((768, 2304), dtype=np.float32)
+products = x[0][:, None] * w  # [K, N]: the terms of row 0's 2304 sums
+in_order = np.add.accumulate(products, axis=0)[-1]  # [N]: k = 0, 1, 2, ... for each column
+lanes = np.add.accumulate(products.reshape(96, 8, 2304), axis=0)[-1]  # [8, N]: lane i sums k = i, i + 8, ...
+in_lanes = np.add.accumulate(lanes, axis=0)[-1]  # [N]: then the 8 lanes are added
+print(f"one by one vs 8 lanes: {np.count_nonzero(in_order != in_lanes)} of 2304 sums differ")
+assert np.count_nonzero(in_order != in_lanes) > 0
+
+# %% [markdown]
+# ## A matrix product depends on its batch
+#
+# So look for a batch where `@` gives row 0 other bits than it gives row 0
+# alone: try batches of 2 to 32 rows.
+
+# %%
 alone = (x[:1] @ w)[0]  # [1, 768] @ [768, 2304]: GEMV
-in_batch = (x @ w)[0]  # [32, 768] @ [768, 2304]: GEMM, same row
+for rows in (2, 4, 8, 32):
+    in_batch = (x[:rows] @ w)[0]  # [rows, 768] @ [768, 2304]: GEMM, same row
+    print(f"row 0 alone vs in a batch of {rows:2d}: {np.count_nonzero(alone != in_batch)} of {alone.size} outputs differ")
 differ = np.count_nonzero(alone != in_batch)
 ulps = np.abs(alone - in_batch) / np.spacing(np.maximum(np.abs(alone), np.abs(in_batch)))  # units in the last place
-print(f"{differ} of {alone.size} outputs differ, by a median of {np.median(ulps[ulps > 0]):.0f} units in the last place")
+print(f"in the batch of 32, by a median of {np.median(ulps[ulps > 0]):.0f} units in the last place")
 assert differ > 0, "this machine's BLAS sums a lone row like a batched one"
 assert np.allclose(alone, in_batch, rtol=1e-5, atol=1e-3), "the differences are rounding, nothing more"
 
@@ -104,7 +138,7 @@ fig, ax = plt.subplots(figsize=(6, 3))
 ax.hist(np.minimum(ulps[ulps > 0], 16), bins=np.arange(0.5, 17.5), rwidth=0.9)
 ax.set(xlabel="|alone - in batch| in units of the last place (16 = 16 or more)", ylabel="outputs",
        title=f"one row alone vs in a batch of 32: {differ} of {alone.size} differ")  # fmt: skip
-show(fig, "05_gemv_vs_gemm.png")
+show(fig, "08_gemv_vs_gemm.png")
 
 # %% [markdown]
 # Why a few units in the last place matter: a language model feeds its
@@ -142,43 +176,180 @@ print(f"BLAS decode: {np.count_nonzero(solo != batched)} of {solo.size} logits c
 assert not np.array_equal(solo, batched)
 
 # %% [markdown]
-# ## The fix: a reduction order fixed by the row alone
+# ## The fix: each sum's order fixed by its own row
 #
-# flover's default path (`invariant=True`), for prefills and decode steps
-# alike, runs on the kernels of `reference.invariant`, written as plain Python loops and compiled to
-# machine code by Numba. Their rule: every number a
-# request gets is computed by a loop whose order depends only on that
-# request's own sizes (K, n_embd, its own length), never on the batch.
+# The rule: every output element is summed in an order that depends only on
+# its own row's sizes (here K), never on how many rows share the call. The
+# simplest way is to write the loops ourselves: for each row, for each k in
+# ascending order, add x[r, k] * w[k, n] into output n. Lanes may still work
+# side by side on *different* columns n: that reorders no sum.
 #
-# `matmul_rows(x, w, b)` computes [B, K] @ [K, N] + [N] so that
+# Python's interpreter would run these loops one step at a time, about 57
+# million multiply-adds for 32 rows. **Numba** compiles them instead. `@numba.njit` on a
+# function of loops over NumPy arrays turns it into machine code, through
+# the LLVM compiler, the first time it is called with given argument types
+# (*just in time*: "jit"; "n" for *no Python*: the whole function must
+# compile, with no interpreter left inside). Later calls with the same types
+# run the machine code directly. We call the compiled result a **kernel**,
+# as in lesson 3: one operation over whole arrays.
 #
-# - each output element adds its K products one after another, in ascending
-#   k, in one thread;
-# - batch rows are only an outer loop: row r never sees another row;
-# - threads split the *output columns* among themselves (each element is
-#   still summed by one thread), and vectorisation runs across output
-#   columns too, which reorders no sum.
-#
-# So a row gets the same bits alone, in a batch of 32, in any order, and with
-# any number of threads.
+# Each multiply-add should be one **FMA**, rounded once, the way flover's
+# kernels do it; `reference.invariant.fma` is a small Numba extension that
+# asks LLVM for exactly that instruction:
 
 # %%
 import numba
 
 from reference import invariant
 
-bias = np.zeros(2304, np.float32)
-full = invariant.matmul_rows(x, w, bias)  # [32, 768] @ [768, 2304] + [2304] -> [32, 2304]
-assert np.array_equal(invariant.matmul_rows(x[:1], w, bias)[0], full[0]), "row 0 alone == row 0 in the batch"
-order = np.random.default_rng(2).permutation(32)
-assert np.array_equal(invariant.matmul_rows(x[order], w, bias), full[order]), "any batch order"
-threads = numba.get_num_threads()
-numba.set_num_threads(1)  # and one thread from here on, for steady run times
-assert np.array_equal(invariant.matmul_rows(x, w, bias), full), "any number of threads"
-print(f"matmul_rows: bitwise the same alone, shuffled, and with 1 or {threads} threads")
-assert np.allclose(full, x @ w, rtol=1e-4, atol=1e-3), "and it is the same product, to rounding"
+print(inspect.getsource(invariant.fma))
+
+
+@numba.njit
+def matmul_by_rows(x, w, b):
+    """[B, K] @ [K, N] + [N] -> [B, N]: each output element summed over k ascending, one FMA per k."""
+    n_rows, k_dim = x.shape
+    out = np.empty((n_rows, w.shape[1]), np.float32)
+    for r in range(n_rows):  # a row never meets another row
+        acc = out[r]  # [N]: one running sum per output column
+        acc[:] = 0.0
+        for k in range(k_dim):  # ascending k, whatever the batch
+            xk, wk = x[r, k], w[k]  # a number, and row k of w [N]
+            for n in range(w.shape[1]):  # N separate sums side by side: SIMD lanes across columns
+                acc[n] = invariant.fma(xk, wk[n], acc[n])
+        for n in range(w.shape[1]):
+            acc[n] += b[n]  # the bias last
+    return out
+
 
 # %% [markdown]
+# The first call compiles, the second only runs:
+
+# %%
+import time
+
+bias = rng.standard_normal(2304, dtype=np.float32)
+start = time.perf_counter()
+mine = matmul_by_rows(x, w, bias)  # [32, 768] @ [768, 2304] + [2304] -> [32, 2304]
+first_s = time.perf_counter() - start
+start = time.perf_counter()
+matmul_by_rows(x, w, bias)
+second_s = time.perf_counter() - start
+print(f"first call {first_s * 1e3:.0f} ms (compiling), second {second_s * 1e3:.1f} ms")
+assert first_s > 3 * second_s, "the first call compiles"
+
+# %% [markdown]
+# Now the property. Row 0 alone, and every row of the batch in a shuffled
+# batch, get the same bits as in the batch of 32: where `@` failed, our
+# kernel holds. And it is the same product as `@`, to rounding.
+
+# %%
+assert np.array_equal(matmul_by_rows(x[:1], w, bias)[0], mine[0]), "row 0 alone == row 0 in the batch"
+order = np.random.default_rng(2).permutation(32)
+assert np.array_equal(matmul_by_rows(x[order], w, bias), mine[order]), "any batch order"
+assert np.allclose(mine, x @ w + bias, rtol=1e-4, atol=1e-3), "the same product, to rounding"
+print("matmul_by_rows: every row bitwise the same alone, in a batch of 32, and shuffled")
+
+# %% [markdown]
+# ## flover's kernel: `invariant.matmul_rows`
+#
+# flover's default path (`invariant=True`), for prefills and decode steps
+# alike, runs on the kernels of `reference.invariant`. Its matrix product,
+# `matmul_rows(x, w, b)`, keeps our rule and adds speed: the weight is
+# *packed* once into tiles of 64 columns (`pack_weight`), each tile of
+# columns can go to another **thread** (a line of execution; each core of
+# the CPU runs one at a time, so two threads can use two cores), and a
+# block of `TILE_ROWS` rows shares each loaded row of a tile (blocking
+# across rows, which reorders no sum). The heart of it:
+
+# %%
+print(inspect.getsource(invariant.matmul_tiles))
+print(f"TILE_ROWS = {invariant.TILE_ROWS}, TILE_N = {invariant.TILE_N} on this CPU")
+
+# %% [markdown]
+# Each element still starts at 0, adds its K products with one FMA each in
+# ascending k, then the bias: the same sequence as ours. So the two kernels
+# must agree bit for bit, with a plain or a packed weight, alone or in a
+# batch. And since threads only split columns, the number of threads changes
+# nothing either (Numba runs `prange` loops on up to `NUMBA_NUM_THREADS`
+# threads).
+
+# %%
+packed = invariant.pack_weight(w)
+for rows in (1, 32):
+    assert np.array_equal(invariant.matmul_rows(x[:rows], w, bias), mine[:rows]), f"plain weight, {rows} rows"
+    assert np.array_equal(invariant.matmul_rows(x[:rows], packed, bias), mine[:rows]), f"packed weight, {rows} rows"
+print("matmul_by_rows == invariant.matmul_rows, bit for bit, with a plain and a packed weight")
+
+most = numba.config.NUMBA_NUM_THREADS
+if most > 1:
+    numba.set_num_threads(most)
+    with_most = invariant.matmul_rows(x, packed, bias)
+    numba.set_num_threads(1)
+    assert np.array_equal(invariant.matmul_rows(x, packed, bias), with_most), "threads split columns, not sums"
+    print(f"matmul_rows: bitwise the same on 1 and on {most} threads")
+else:
+    print("Numba has one thread here (NUMBA_NUM_THREADS=1): no other thread count to compare")
+numba.set_num_threads(1)  # one thread from here on, for steady timings
+
+# %% [markdown]
+# ## What invariance costs: timed
+#
+# Time the three on one thread, at batch 1 (a decode step of one request)
+# and batch 32: our loop, flover's kernel with its packed weight, and `@`
+# (BLAS; `+ bias` included for all). Each runs several times in a row (so
+# the weight it reads sits in the cache, as it would for any of them), in
+# three rounds that take turns, so that a busy spell of the machine cannot
+# favour one; each time is the best of all runs, since on a busy machine a
+# run can only be slowed down, never sped up.
+
+# %%
+def best_ms(calls: dict, repeats: int, rounds: int = 3) -> dict:
+    """{name: the fastest run of call(), in milliseconds}: ``repeats`` runs of each call in a row, ``rounds`` times."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            for _ in range(repeats):
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * min(t) for name, t in times.items()}
+
+
+def products(xr: np.ndarray) -> dict:
+    """The three ways to compute xr @ w + bias."""
+    return {
+        "matmul_by_rows (ours)": lambda: matmul_by_rows(xr, w, bias),
+        "invariant.matmul_rows": lambda: invariant.matmul_rows(xr, packed, bias),
+        "x @ w + b (BLAS)": lambda: xr @ w + bias,
+    }
+
+
+timed = {}
+for rows in (1, 32):
+    timed[rows] = best_ms(products(x[:rows]), repeats=10 if rows == 1 else 3)
+    for name, ms in timed[rows].items():
+        print(f"batch {rows:2d}  {name:22s} {ms:6.2f} ms  ({1e3 * ms / rows:5.0f} us a row)")
+ours, flover, blas = (np.array([timed[r][k] for r in (1, 32)]) for k in timed[1])
+print(f"ours takes {ours[0] / blas[0]:.1f}x the time of BLAS at batch 1, {ours[1] / blas[1]:.1f}x at batch 32")
+assert ours[0] < 3 * blas[0], "at batch 1 all three read the weight once: about the same time"
+assert ours[1] > 1.5 * blas[1], "at batch 32 BLAS's blocking pays"
+assert flover[1] < 1.5 * ours[1], "flover's kernel is no slower than ours"
+
+# %% [markdown]
+# What the numbers say. At batch 1 the three take about the same time: each
+# reads the whole weight (7 MB) once and does one multiply-add per number
+# read, so reading memory, not arithmetic, sets the pace (lesson 3's
+# memory-bound side). At batch 32 the same weight serves 32 rows, and BLAS,
+# blocked so that every loaded number feeds many rows, pulls ahead: that is
+# the price of invariance on this CPU, paid at large batches. Our loop reads
+# the weight again for every row; flover's kernel shares each load among
+# `TILE_ROWS` rows only. Blocking over rows never reorders a sum, so an
+# invariant kernel could close more of the gap; what it may never do is
+# split one element's K sum in a way that depends on the batch.
+#
+# ## The other operations
+#
 # The other operations of a step that look at more than one number follow
 # the same rule. `layer_norm_rows` and `gelu_rows` work row by row with sums
 # in ascending order. `decode_attention(q, k_cache, v_cache, slots,
@@ -190,7 +361,7 @@ assert np.allclose(full, x @ w, rtol=1e-4, atol=1e-3), "and it is the same produ
 # `decode_attention` is the slot layout's name for the general kernel,
 # `attention_rows(q, k_cache, v_cache, block_table, lane, lengths)`: row r
 # belongs to lane `lane[r]` and reads its positions through that lane's
-# block table, whatever the blocks' size and wherever they lie (lesson 5's
+# block table, whatever the blocks' size and wherever they lie (lesson 6's
 # paged blocks). Cut the same keys and values into blocks of 16 positions,
 # scatter the blocks over the pool, and every row still gets the same bits.
 
@@ -232,18 +403,13 @@ print("invariant decode: a request's logits are bitwise the same alone and in a 
 # %% [markdown]
 # What about the prefill? Alone in its step, a prompt has no other request
 # to change its rounding. But the engine does not always run it alone: with
-# chunked prefill (lesson 4) a prompt is cut into chunks that share steps
+# chunked prefill (lesson 7) a prompt is cut into chunks that share steps
 # with other requests' decode rows, and how it is cut depends on the
 # schedule (the chunk size, the decodes in the same step, a recomputation
 # after a preemption). So the prefill runs on the same kernels: a prompt
 # row's result depends only on its token, its position and the keys and
 # values before it, and a prompt fed at once, in chunks, or token by token
-# gives the same bits (lesson 2 checked it). On a CPU these kernels are also
-# faster than BLAS at these shapes.
-#
-# The price of the invariant kernels is speed: BLAS is tuned to the last
-# cycle, the invariant kernels are simple loops. `benchmarks/RESULTS.md`
-# measures that cost.
+# gives the same bits (lesson 2 checked it).
 #
 # ## The payoff: fused logits equal serial logits, bit for bit
 #
@@ -294,12 +460,21 @@ assert equal_blas < n_blas
 # ## What we have
 #
 # - Floating-point sums depend on their order, and BLAS picks the order by
-#   the shape of the batch, so batching normally changes a request's logits.
+#   the shape of the batch (GEMV for one row, GEMM blocked and vectorised
+#   for many), so batching normally changes a request's logits.
+# - A kernel that sums each element in ascending k, one FMA per term, in
+#   one loop that never looks at the other rows, gives every row the same
+#   bits alone and in any batch. Ours, a dozen lines compiled by Numba,
+#   equals flover's `invariant.matmul_rows` bit for bit.
+# - Measured on this CPU: as fast as BLAS at batch 1, slower at batch 32,
+#   where BLAS's blocking reuses each weight across rows.
 # - flover's kernels, in prefills and decode steps alike, fix each sum's
 #   order by the request's own sizes; the batch is only an outer loop, and
-#   a request's keys and values may lie in any blocks. A request's logits are then the same bit
-#   for bit whoever shares its step, which is why every policy, and the
-#   memory shuffle, can be tested for *exact* equality with serial decoding.
+#   a request's keys and values may lie in any blocks. A request's logits
+#   are then the same bit for bit whoever shares its step, which is why
+#   every policy, and the memory shuffle, can be tested for *exact*
+#   equality with serial decoding.
 # - `tests/test_batch_invariance.py` and `tests/test_fusion_properties.py`
-#   check this on many random cases. Lesson 11 shows how to write such checks
-#   for a scheduler of your own.
+#   check this on many random cases. Lesson 9 writes the same kernels for a
+#   GPU; lesson 11 shows how to write such checks for a scheduler of your
+#   own.
