@@ -178,3 +178,19 @@ def test_instances_on_a_cpu_each_run_on_their_own_cores():
     cost, contention = plan.instance_cost(4)  # four on two cores: one thread each, and twice the demand
     assert (contention(1), contention(2), contention(4)) == (1.0, 1.0, 2.0)
     assert cost.device.figure("cores") == 1
+
+
+def test_kv_memory_is_counted_at_the_plans_data_type():
+    """--kv-memory 1 GiB at fp16 holds twice the positions it holds at fp32, and the run reports fp16 bytes."""
+    requests = [Request(i, 0.0, (1, 2, 3), 4) for i in range(3)]
+    runs = {}
+    for dtype in ("fp16", "fp32"):
+        plan = Plan(device_from_record(toy_device(peak_tflops_fp32=1e-3, memory_gb=64)), model_shape("gpt2"), dtype=dtype)
+        pc = PolicyConfig("fused", kv="paged", block_size=16, kv_memory_gib=1.0)
+        runs[dtype] = simulate(plan, pc, requests)
+        assert runs[dtype].config == pc  # reported under the policy as given
+    per_position = model_shape("gpt2").kv_bytes_per_position("fp16")
+    assert runs["fp16"].metrics["kv_budget_bytes"] == 2**30 // (per_position * 16) * per_position * 16
+    assert runs["fp32"].metrics["kv_budget_bytes"] == runs["fp16"].metrics["kv_budget_bytes"]
+    # the same positions held, at half the bytes each
+    assert runs["fp16"].metrics["kv_peak_bytes"] * 2 == runs["fp32"].metrics["kv_peak_bytes"] > 0

@@ -9,7 +9,7 @@ and (``check_fits``) weights and KV memory beyond the device's memory.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flover.engine import Request
 from flover.metrics import summarize
@@ -20,6 +20,7 @@ from flover.sim.cost import CostModel
 from flover.sim.device import Device
 from flover.sim.instances import simulate_shared
 from flover.sim.shapes import DTYPE_BYTES, ModelShape
+from reference.kv import BYTES_PER_VALUE
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,19 @@ class Plan:
         return cost, lambda busy: max(1.0, busy * threads / cores)
 
 
+def in_engine_values(plan: Plan, pc: PolicyConfig) -> PolicyConfig:
+    """The policy the engine runs: its layouts size KV memory in float32 values (``reference.kv``), so a
+    ``--kv-memory`` budget at the plan's data type becomes the float32 budget of as many positions."""
+    scale = BYTES_PER_VALUE / DTYPE_BYTES[plan.dtype]
+    return replace(pc, kv_memory_gib=pc.kv_memory_gib * scale) if pc.kv_memory_gib and scale != 1 else pc
+
+
 def rank_bytes(plan: Plan, pc: PolicyConfig) -> tuple[float, float]:
     """(weights, KV memory) one rank holds under the policy; instances hold a copy of the model each."""
     cost, config = plan.cost(), plan.shape.config
     if pc.policy == "instances":
         return pc.instances * cost.weights_bytes(), pc.instances * cost.kv_bytes(config.n_ctx)
-    shape = pc.layout(config).shape
+    shape = in_engine_values(plan, pc).layout(config).shape
     return cost.weights_bytes(), cost.kv_bytes(shape.n_blocks * shape.block_size)
 
 
@@ -102,11 +110,21 @@ def simulate(plan: Plan, pc: PolicyConfig, requests: Sequence[Request], keep_log
     check_fits(plan, pc)
     factory = ModelFreeFactory(plan.shape.config)
     if pc.policy != "instances":
-        return run_policy(pc, factory, requests, clock=CostClock(plan.cost()), keep_logits=keep_logits,
-                          on_finish=on_finish)  # fmt: skip
+        run = run_policy(in_engine_values(plan, pc), factory, requests, clock=CostClock(plan.cost()),
+                         keep_logits=keep_logits, on_finish=on_finish)  # fmt: skip
+        return at_plan_dtype(plan, replace(run, config=pc))
     cost, contention = plan.instance_cost(pc.instances)
     results, stats = simulate_shared([factory(1) for _ in range(pc.instances)], cost, requests, keep_logits, contention)
     for result in results if on_finish else ():
         on_finish(result)
     budget = pc.instances * factory(1).kv.nbytes(plan.shape.config)
-    return RunResult(pc, results, stats, summarize(results, stats, budget))
+    return at_plan_dtype(plan, RunResult(pc, results, stats, summarize(results, stats, budget)))
+
+
+def at_plan_dtype(plan: Plan, run: RunResult) -> RunResult:
+    """The run's KV byte figures at the plan's data type (the engine counts float32 values)."""
+    scale = DTYPE_BYTES[plan.dtype] / BYTES_PER_VALUE
+    for key in ("kv_budget_bytes", "kv_mean_bytes", "kv_peak_bytes"):
+        if key in run.metrics:
+            run.metrics[key] = type(run.metrics[key])(run.metrics[key] * scale)
+    return run
