@@ -22,13 +22,16 @@
 # step now runs on N processes at once.
 #
 # This lesson splits GPT-2 for N = 2 in a single process first, and checks
-# by hand that the parts add up to the whole layer. Then it runs the split
-# model for real, as two processes under MPI, and checks that it generates
-# the same tokens as one process.
+# by hand that the parts add up to the whole layer. Then it writes the one
+# exchange the split needs, a sum over the processes in a fixed order, as a
+# small MPI program of our own, checks it bit for bit against flover's, and
+# sees why MPI's own sum is not used. Last it runs the split model for real,
+# as two processes, and checks that it generates the tokens of one process.
 
 # %% [markdown]
 # The helpers of lesson 1 (`OUT`, `show`, `show_file`), and one thread per
-# process, as in lesson 2: below, two processes share this machine's cores.
+# process, as in lesson 2: below, several processes share this machine's
+# cores.
 
 # %%
 # ruff: noqa: E402  (each cell imports what it first uses, as a reader meets it)
@@ -50,21 +53,29 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy loads
 # rank's array on rank 0, an *allgather* gives every rank everyone's arrays,
 # and an *all-reduce* gives every rank the sum of everyone's arrays.
 # `mpi4py` is Python's MPI (installed with `pip install 'flover[mpi]'`,
-# which brings MPICH and its `mpiexec` too), and flover's tensor parallelism
-# lives in `mpi_tp/`.
+# which brings MPICH, an MPI library, and its `mpiexec` too). Its methods
+# come in two kinds: capitalised ones (`Bcast`, `Allgather`, `Allreduce`)
+# send NumPy arrays as raw memory buffers, lowercase ones (`bcast`,
+# `allgather`) pickle any Python object. flover's tensor parallelism lives
+# in `mpi_tp/` and uses only the buffer kind on its step path.
+#
+# Every cell below needs `mpi_tp`, which imports mpi4py. Without mpi4py or
+# `mpiexec` this lesson says what to install and stops here.
+
 # %%
 import shutil
 import sys
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-import numpy as np
-from _display import OUT, show  # tutorials/_display.py
-from mpi4py import MPI
-
+try:
+    from mpi4py import MPI
+except ImportError:
+    MPI = None
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-if MPIEXEC is None:
-    raise RuntimeError("this lesson needs mpiexec: pip install 'flover[mpi]' installs MPICH's")
+if MPI is None or MPIEXEC is None:
+    print(f"This lesson needs {'mpi4py' if MPI is None else 'mpiexec'}: pip install 'flover[mpi]' installs "
+          "mpi4py and MPICH's mpiexec. Skipping the rest of the lesson.")  # fmt: skip
+    raise SystemExit(0)
 print("MPI library:", MPI.Get_library_version().splitlines()[0])
 print("mpiexec:", MPIEXEC)
 
@@ -101,26 +112,54 @@ print("mpiexec:", MPIEXEC)
 # small and every rank keeps a copy.
 #
 # `mpi_tp.shard_weights(config, weights, rank, world)` cuts rank `rank`'s
-# share out of the full weights: a `ShardWeights` whose `blocks` hold a
-# `ColumnParallelLinear` (`w`, `b`) for `c_attn` and `c_fc` and a
-# `RowParallelLinear` (`w`, `b`, and `zero`, a bias of zeros for the partial
-# product) for `attn_proj` and `mlp_proj`; `n_head` is Hp. Here are both
-# shards of the default model of lesson 1 for N = 2.
+# share out of the full weights, as fresh arrays, so that a rank can drop
+# the full model afterwards. It is short enough to read whole:
 
 # %%
+import inspect
+
+from mpi_tp import ColumnParallelLinear, RowParallelLinear, ShardWeights, shard_weights
+
+print(inspect.getsource(shard_weights))
+
+# %% [markdown]
+# What it returns is a `ShardWeights`. Its `blocks` hold, for each
+# transformer block, the two layer norms, a `ColumnParallelLinear` (`w`,
+# `b`) for `c_attn` and `c_fc`, and a `RowParallelLinear` (`w`, `b`, and
+# `zero`, a bias of zeros for the partial product) for `attn_proj` and
+# `mlp_proj`. Here are every field of it and each linear layer of block 0,
+# for both shards of the default model of lesson 1 with N = 2.
+
+# %%
+from dataclasses import fields
+
+import numpy as np
+
 from flover.loading import resolve
-from mpi_tp import ColumnParallelLinear, RowParallelLinear, shard_weights
 
 config, weights, tokenizer = resolve(None)
 WORLD = 2
 C, H, D, V = config.n_embd, config.n_head, config.head_dim, config.vocab_size
 Hp, M = H // WORLD, config.d_mlp // WORLD
 shards = [shard_weights(config, weights, rank, WORLD) for rank in range(WORLD)]
+
+
+def describe(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"array {list(value.shape)}"
+    if isinstance(value, list):
+        return f"{len(value)} x {type(value[0]).__name__}"
+    return type(value).__name__ if hasattr(value, "__slots__") else repr(value)
+
+
+print(f"{'ShardWeights':14s} {'rank 0':26s} rank 1")
+for f in fields(ShardWeights):
+    print(f"{f.name:14s} {describe(getattr(shards[0], f.name)):26s} {describe(getattr(shards[1], f.name))}")
 block0 = shards[0].blocks[0]
+print()
 for name in ("c_attn", "attn_proj", "c_fc", "mlp_proj"):
     part = getattr(block0, name)
     print(f"{name:9s} {type(part).__name__:20s} full {getattr(weights.blocks[0], name).w.shape} -> rank 0 {part.w.shape}")
-print(f"heads per partition: {shards[0].n_head} of {H}")
 assert all(s.n_head == Hp for s in shards)
 assert isinstance(block0.c_attn, ColumnParallelLinear) and isinstance(block0.mlp_proj, RowParallelLinear)
 assert block0.c_attn.w.shape == (C, 3 * Hp * D) and block0.attn_proj.w.shape == (Hp * D, C)
@@ -132,6 +171,9 @@ assert block0.c_fc.w.shape == (C, M) and block0.mlp_proj.w.shape == (M, C)
 # q, of k and of v, so the picture shows each rank three times.
 
 # %%
+import matplotlib.pyplot as plt
+from _display import OUT, show  # tutorials/_display.py
+
 full = weights.blocks[0].c_attn.w  # [C, 3C]: q | k | v, heads inside each
 where = {s.blocks[0].c_attn.w[:, j].tobytes(): s.rank for s in shards for j in range(3 * Hp * D)}
 owner = np.array([where[full[:, j].tobytes()] for j in range(3 * C)])  # [3C]
@@ -148,7 +190,7 @@ for column in range(D, 3 * C, D):
     ax.axvline(column - 0.5, color="white", linewidth=0.8)  # head boundaries
 ax.set(yticks=[], xlabel="output column of c_attn (3C); thin lines between heads",
        title=f"c_attn split by heads: {Hp} of {H} heads per rank")  # fmt: skip
-show(fig, "07_c_attn_split.png")
+show(fig, "10_c_attn_split.png")
 
 # %% [markdown]
 # ## One block by hand: the parts add up
@@ -212,11 +254,43 @@ assert np.allclose(got, want, rtol=1e-5, atol=1e-5)
 #
 # ## The embedding and the LM head, split by vocabulary
 #
-# GPT-2's token table `wte` [V, C] is also its LM head (lesson 1), and the
-# largest single weight: 31% of the bytes of GPT-2 124M. flover splits it by
-# vocabulary rows (**vocabulary-parallel**): `mpi_tp.vocab_bounds(V, N)`
-# gives rank r the rows bounds[r] .. bounds[r+1] - 1 (its `vocab_lo` and
-# `vocab_hi`).
+# GPT-2's token table `wte` [V, C] is also its LM head (lesson 1). In the
+# small model of these lessons it is a few percent of the weights; in GPT-2
+# 124M, with its 50257 tokens, far more. We count every number in the
+# loaded model, check the count against `flover.sim.shapes.ModelShape`, the
+# formula flover's simulator (lesson 4) prices models with, and then ask
+# that formula about GPT-2's shapes, which would take half a gigabyte to
+# allocate. Every weight is a 4-byte float32, so a share of the numbers is
+# a share of the bytes.
+
+# %%
+from dataclasses import is_dataclass
+
+from flover.sim.shapes import ModelShape, model_shape
+
+
+def n_parameters(record) -> int:
+    """Every number in a weights record: its arrays, its lists of records, the records inside it."""
+    if isinstance(record, np.ndarray):
+        return record.size
+    if isinstance(record, list):
+        return sum(n_parameters(item) for item in record)
+    if is_dataclass(record):
+        return sum(n_parameters(getattr(record, f.name)) for f in fields(record))
+    return 0
+
+
+assert n_parameters(weights) == ModelShape("loaded", config).parameters(), "the formula counts what the model holds"
+GPT2 = model_shape("gpt2")
+wte_share = GPT2.config.vocab_size * GPT2.config.n_embd / GPT2.parameters()
+print(f"wte: {weights.wte.size / n_parameters(weights):.1%} of the loaded model's bytes, "
+      f"{wte_share:.1%} of GPT-2 124M's ({GPT2.parameters() * 4 / 1e6:.0f} MB)")  # fmt: skip
+assert 0.30 < wte_share < 0.32
+
+# %% [markdown]
+# So flover splits it too, by vocabulary rows (**vocabulary-parallel**):
+# `mpi_tp.vocab_bounds(V, N)` gives rank r the rows bounds[r] .. bounds[r+1]
+# - 1 (its `vocab_lo` and `vocab_hi`).
 #
 # - The embedding lookup: each rank looks up the tokens it owns and puts
 #   zeros for the others; an all-reduce adds the ranks' rows. Adding zeros
@@ -257,46 +331,303 @@ assert np.allclose(logits, expected, rtol=1e-4, atol=1e-4)
 assert np.array_equal(logits.argmax(axis=-1), expected.argmax(axis=-1))
 
 # %% [markdown]
-# ## The all-reduce, in a fixed order
+# ## The sum over ranks, in a fixed order
 #
-# Megatron sums the partial products with MPI's all-reduce. flover does not,
-# quite. An MPI library picks its all-reduce algorithm by message size, and
-# each algorithm adds the ranks' parts in its own order; a decode step's
-# message is [B, C] floats, so its size changes with the batch, and so could
-# the rounding. That would break lesson 8's promise: a request's logits must
-# not depend on its batch. So `mpi_tp.TPComm.reduce_sum` gathers every
-# rank's partial (an allgather) and adds them in rank order,
-# ((p0 + p1) + p2) + ..., on every rank, exactly as `sharded_block` above
-# does. Every rank gets the same bits, for every batch size. Each rank then
-# receives N partial sums of [B, C] floats instead of one, kilobytes per
-# step, against the megabytes of weights a step reads. (`launch(...,
-# deterministic=False)` uses MPI's all-reduce instead, for comparison.)
+# Megatron adds the partial products with MPI's all-reduce. flover does
+# not, quite. The MPI standard lets a library add the ranks' parts in any
+# order it likes (it assumes the sum associative, and warns that for
+# floating-point addition the result may then change), and libraries pick
+# their algorithm by the number of ranks and the message size. A decode
+# step's message is [B, C] floats, so its size changes with the batch, and
+# so could the rounding. That would break lesson 8's promise: a request's
+# logits must not depend on its batch. Nor does MPI promise every rank the
+# same bits, and the ranks' copies of x must never drift apart.
 #
+# With two ranks there is only one sum: float addition is commutative, so
+# p0 + p1 and p1 + p0 are the same bits. From three ranks on, the grouping
+# matters (lesson 8). Four ranks' parts of one number, added in rank order
+# and in pairs (as a tree of messages adds them: ranks 0 and 1 meet, 2 and
+# 3 meet, then the two pairs):
+
+# %%
+parts = np.array([1.0, 1e8, -1e8, 1.0], np.float32)  # p0 .. p3, one element of four ranks' partial sums
+in_rank_order = ((parts[0] + parts[1]) + parts[2]) + parts[3]
+in_pairs = (parts[0] + parts[1]) + (parts[2] + parts[3])
+print(f"parts {parts.tolist()}: rank order {in_rank_order}, pairs {in_pairs}, exact {parts.astype(np.float64).sum()}")
+assert in_rank_order != in_pairs
+
+# %% [markdown]
+# So `mpi_tp.TPComm.reduce_sum` gathers every rank's partial (an allgather)
+# and adds them in rank order, ((p0 + p1) + p2) + ..., on every rank. The
+# order then depends only on the number of ranks: every rank gets the same
+# bits, for every batch. Here it is (`TPComm` is one rank's view of the
+# world, and `seconds` counts its time in MPI calls):
+
+# %%
+from mpi_tp import TPComm
+
+print(inspect.getsource(TPComm.reduce_sum))
+
+# %% [markdown]
+# ## The rank-order sum, written by hand
+#
+# Our own version is a few lines of mpi4py on NumPy buffers. The script
+# below runs on every rank: it makes a partial sum of its own, [B, C]
+# random floats seeded by its rank, then
+#
+# - allgathers the partials into an [N, B, C] buffer and adds them in rank
+#   order (our reduction);
+# - asks flover's `TPComm.reduce_sum` for the same sum;
+# - and asks MPI's `Allreduce` for it, in whatever order MPICH picks;
+#
+# and each rank saves its partial and the three sums to a file, for us to
+# compare here.
+
+# %%
+SUM_SCRIPT = """
+import sys
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from mpi_tp import TPComm
+
+comm = MPI.COMM_WORLD
+rank, world = comm.Get_rank(), comm.Get_size()
+rows, width, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+partial = np.random.default_rng(rank).standard_normal((rows, width), dtype=np.float32)  # this rank's [B, C]
+
+gathered = np.empty((world, rows, width), np.float32)  # [N, B, C]
+comm.Allgather(partial, gathered)  # every rank receives every rank's partial
+total = gathered[0].copy()
+for part in gathered[1:]:
+    total += part  # ((p0 + p1) + p2) + ...: rank order
+
+flover_sum = TPComm(comm).reduce_sum(partial)
+mpi_sum = np.empty_like(partial)
+comm.Allreduce(partial, mpi_sum, op=MPI.SUM)  # MPI's order
+np.savez(out / f"sum_{world}_{rank}.npz", partial=partial, total=total, flover=flover_sum, mpi=mpi_sum)
+"""
+sum_script = OUT / "10_rank_order_sum.py"
+sum_script.write_text(SUM_SCRIPT)
+
+# %% [markdown]
+# We run it with `python -m mpi4py script.py`, which makes an error on any
+# rank end the whole job instead of leaving the other ranks waiting forever.
+#
+# And with one thread per rank. Each rank is a separate Python process with
+# its own libraries: NumPy's matrix products run in OpenBLAS, a **BLAS**
+# (Basic Linear Algebra Subprograms: tuned matrix and vector routines), and
+# Numba's parallel loops run on **OpenMP**, a common way for C and Fortran
+# code to split a loop over threads. Each starts as many threads as the
+# machine has cores unless told otherwise, so two ranks on two cores would
+# run four threads fighting over two cores. `OMP_NUM_THREADS=1` tells
+# OpenMP code to use one thread (and OpenBLAS too, where its own
+# `OPENBLAS_NUM_THREADS`, which this process set above and the ranks
+# inherit, is unset); `NUMBA_NUM_THREADS=1` tells Numba.
+#
+# We run the script twice, over 2 ranks and over 4 (four processes on this
+# machine's cores: the messages are small).
+
+# %%
+import subprocess
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+
+
+def mpirun(world: int, *args: str) -> str:
+    """``mpiexec -n world python -m mpi4py *args``; -> what rank 0 (and the others) printed."""
+    job = subprocess.run([MPIEXEC, "-n", str(world), sys.executable, "-m", "mpi4py", *args],
+                         capture_output=True, text=True, env=ENV, timeout=120)  # fmt: skip
+    assert job.returncode == 0, job.stderr[-3000:]
+    return job.stdout
+
+
+ROWS, WIDTH = 4, GPT2.config.n_embd  # a decode step of 4 requests at GPT-2's width
+runs = {}
+for world in (2, 4):
+    mpirun(world, str(sum_script), str(ROWS), str(WIDTH), str(OUT))
+    runs[world] = [dict(np.load(OUT / f"sum_{world}_{rank}.npz")) for rank in range(world)]
+
+# %% [markdown]
+# On every rank, ours and flover's are the same bits, and every rank has
+# the same sum. Adding the saved partials in rank order in this process,
+# another run on another day, gives those bits again: the sum depends on the
+# partials and the number of ranks, nothing else. MPI's sum agrees over two
+# ranks; over four, it does not.
+
+# %%
+for world, ranks in runs.items():
+    ours = ranks[0]["total"]
+    here = ranks[0]["partial"].copy()
+    for r in ranks[1:]:
+        here += r["partial"]
+    assert all(np.array_equal(r["total"], r["flover"]) for r in ranks), "ours == TPComm.reduce_sum, on every rank"
+    assert all(np.array_equal(r["total"], ours) for r in ranks), "every rank has the same bits"
+    assert np.array_equal(here, ours), "the rank-order sum, redone in this process"
+    mpi_differs = int((ranks[0]["mpi"] != ours).sum())
+    print(f"{world} ranks: ours == flover's on all {world} ranks; Allreduce differs from the rank order "
+          f"in {mpi_differs} of {ours.size} elements")  # fmt: skip
+    if world == 2:
+        assert mpi_differs == 0, "two ranks: one possible sum"
+p = np.stack([r["partial"] for r in runs[4]])  # [4, B, C]
+tree = (p[0] + p[1]) + (p[2] + p[3])
+print("4 ranks: Allreduce == (p0 + p1) + (p2 + p3) on every element:", np.array_equal(runs[4][0]["mpi"], tree))
+assert mpi_differs > 0, "four ranks: MPICH's Allreduce adds in another order than the ranks'"
+
+# %% [markdown]
+# Here MPICH adds four ranks' parts in pairs, the way its algorithm for
+# short messages (recursive doubling: ranks 0 and 1 swap and add while 2
+# and 3 do, then the pairs swap) groups them. That is MPICH's choice to
+# make and to change; the rank-order sum leaves it no choice.
+#
+# The price: an allgather brings each rank N - 1 partials of [B, C] floats,
+# where the ring all-reduce MPI libraries use for long messages moves about
+# 2 (N - 1) / N of one. For N = 2 that is the same traffic. How much is it?
+#
+# ## What crosses between ranks
+#
+# One rank's step, `NumpyShard.step` in `mpi_tp/model.py`, is lesson 2's
+# ragged step on the rank's heads, units and vocabulary rows, with a
+# `reduce_sum` after each row-parallel layer and in the embedding:
+
+# %%
+from mpi_tp import NumpyShard
+
+print(inspect.getsource(NumpyShard.step))
+print(inspect.getsource(NumpyShard.row_parallel))
+
+# %% [markdown]
+# Rather than count those calls by eye, we count them as they run. A world
+# of one rank (`MPI.COMM_SELF`) makes every reduction a no-op, so one
+# process can run a shard; a `TPComm` that notes the shape of each partial
+# it is handed counts them. One step of two prompt lanes:
+
+# %%
+from reference import KVShape, Lane, plan_rows
+
+
+class CountingComm(TPComm):
+    """A world of one rank that notes the shape of every partial sum it is asked to add."""
+
+    def __init__(self) -> None:
+        super().__init__(MPI.COMM_SELF)
+        self.reduced: list[tuple[int, ...]] = []
+
+    def reduce_sum(self, partial: np.ndarray) -> np.ndarray:
+        self.reduced.append(partial.shape)
+        return super().reduce_sum(partial)
+
+
+counting = CountingComm()
+kv = KVShape.slots(config, 2)
+shard = NumpyShard(config, shard_weights(config, weights, 0, 1), kv, counting)
+rows = plan_rows(config, kv, [Lane.of([0], tokens, 0), Lane.of([1], tokens[:3], 0)])  # T + 3 rows, 2 lanes
+local_logits = shard.step(rows)  # [L, V_r]: this rank's vocabulary columns, gathered on rank 0
+n_rows = len(rows.tokens)
+print(f"a step of {n_rows} rows: {len(counting.reduced)} reductions, shapes {sorted(set(counting.reduced))}; "
+      f"logit columns to gather: {local_logits.shape}")  # fmt: skip
+assert counting.reduced == [(n_rows, C)] * (1 + 2 * config.n_layer), "the embedding's, then two per block"
+assert local_logits.shape == (2, V)
+
+# %% [markdown]
+# So a step of B rows sends, per rank: one [B, C] reduction for the
+# embedding, two per block, the logits of its vocabulary columns to rank 0,
+# and rank 0's command (the rows' tokens and positions, a few integers per
+# row, lesson 2's lanes flattened). Against that, each rank reads its share
+# of every weight matrix once per step. For GPT-2's shapes and two ranks:
+
+# %%
+c, m, V2, L2 = GPT2.config.n_embd, GPT2.config.d_mlp, GPT2.config.vocab_size, GPT2.config.n_layer
+matrices = (c * 3 * c + c * c + c * m + m * c) // WORLD * 4  # bytes of one block's four matrices on one rank
+rank1_columns = int(np.diff(vocab_bounds(V2, WORLD))[1])  # rank 1's vocabulary rows of GPT-2
+
+
+def received(batch: int) -> int:
+    """Bytes one rank receives in one reduction of [batch, C] float32 (the other ranks' partials)."""
+    return (WORLD - 1) * batch * c * 4
+
+
+def kb(nbytes: float) -> str:
+    return f"{nbytes / 1e3:,.0f} kB" if nbytes < 1e6 else f"{nbytes / 1e6:,.1f} MB"
+
+
+print(f"{'per step, one rank, GPT-2 over 2 ranks':42s} {'shape':18s} {'batch 1':>10s} {'batch 32':>10s}")
+for what, shape, size in [
+    ("embedding reduction (received)", "[B, 768]", received),
+    (f"2 reductions per block x {L2} (received)", "[B, 768] each", lambda b: 2 * L2 * received(b)),
+    ("logits to rank 0 (sent by rank 1)", f"[B, {rank1_columns}]", lambda b: b * rank1_columns * 4),
+    ("weights read (its share of every matrix)", "", lambda b: L2 * matrices + rank1_columns * c * 4),
+]:
+    print(f"{what:42s} {shape:18s} {kb(size(1)):>10s} {kb(size(32)):>10s}")
+
+# %% [markdown]
+# Kilobytes of messages, a few megabytes at batch 32, against a quarter of
+# a gigabyte of weights that every step reads. One block, in pictures (the
+# diagram shows both ranks' layers with their shapes; the bars the bytes of
+# one block on one rank, on a log scale):
+
+# %%
+stages = ["ln_1", f"c_attn\n[{c}, {3 * c // WORLD}]", f"attention\n{GPT2.config.n_head // WORLD} heads",
+          f"attn_proj\n[{c // WORLD}, {c}]", "+", "ln_2", f"c_fc\n[{c}, {m // WORLD}]", "gelu",
+          f"mlp_proj\n[{m // WORLD}, {c}]", "+"]  # fmt: skip
+x_of = 1.7 * np.arange(len(stages))  # where each stage sits in the diagram
+fig, (diagram, bars) = plt.subplots(1, 2, figsize=(16, 3.8), gridspec_kw={"width_ratios": [2.8, 1], "wspace": 0.4})
+for rank, y in ((0, 1.0), (1, 0.0)):
+    diagram.plot([x_of[0], x_of[-1]], [y, y], color="lightgray", zorder=0)
+    diagram.text(-0.7, y, f"rank {rank}\nx [B, {c}]", ha="right", va="center", fontsize=9)
+    for x_at, label in zip(x_of, stages):
+        box = dict(boxstyle="circle", fc="#f28e2b", ec="none") if label == "+" else dict(boxstyle="round", fc="#d4e6f5")
+        diagram.text(x_at, y, label, ha="center", va="center", fontsize=8, bbox=box)
+for x_at in [x for x, label in zip(x_of, stages) if label == "+"]:
+    diagram.annotate("", xy=(x_at, 0.18), xytext=(x_at, 0.82), arrowprops=dict(arrowstyle="<->", color="#f28e2b", lw=2))
+    diagram.text(x_at - 0.15, 0.5, f"allgather of\npartials [B, {c}]\n{kb(received(1))} at B = 1\n"
+                 f"{kb(received(32))} at B = 32", ha="right", va="center", fontsize=7.5)  # fmt: skip
+diagram.set(xlim=(-2.0, x_of[-1] + 0.6), ylim=(-0.4, 1.4), xticks=[], yticks=[],
+            title="one GPT-2 block over 2 ranks: what crosses between them")  # fmt: skip
+for side in diagram.spines.values():
+    side.set_visible(False)
+labels = ["weights read", "2 reductions, B = 1", "2 reductions, B = 32", "2 reductions,\n512-token prompt"]
+sizes = [matrices, 2 * received(1), 2 * received(32), 2 * received(512)]
+bars.barh(labels[::-1], sizes[::-1], color=["#f28e2b"] * 3 + ["#4e79a7"])
+bars.set(xscale="log", xlabel="bytes per block, one rank", title="one block, one rank")
+for y, size in enumerate(sizes[::-1]):
+    bars.text(size, y, f" {kb(size)}", va="center", fontsize=8)
+show(fig, "10_tp_traffic.png")
+
+# %% [markdown]
 # ## Running it for real
 #
 # Under `mpiexec` every rank runs the same script. Each calls
-# `mpi_tp.launch(config, weights, n_slots)` with the same model: each rank
-# keeps only its shard and KV slots for its own heads. Ranks 1 .. N-1 then
-# stay inside `launch`, serving rank 0's commands, and return None when it
-# is done. Rank 0 gets a `TPBackend`, a backend with lesson 2's protocol:
-# each `step(lanes)` broadcasts one command holding the step's rows (their
-# tokens and positions, and each lane's blocks), every rank runs that step
-# on its shard with two reductions per block, and the logits are gathered
-# on rank 0; `move` is another command, each rank moving its own heads'
-# keys and values. `prefill` and `decode` are lanes, as on every backend. `backend.close()` lets the other ranks return from
+# `mpi_tp.launch(config, weights, n_slots)` with the same model:
+
+# %%
+from mpi_tp import launch
+
+print(inspect.getsource(launch))
+
+# %% [markdown]
+# Every rank keeps only its shard and KV slots for its own heads (a
+# `NumpyShard`, or a GPU shard with `inner="numba"`, lesson 9's kernels).
+# Ranks 1 .. N-1 then stay inside `serve`, running rank 0's commands, and
+# return None when it is done. Rank 0 gets a `TPBackend`, a backend with
+# lesson 2's protocol: each `step(lanes)` broadcasts one command holding the
+# step's rows (their tokens and positions, and each lane's blocks), every
+# rank runs that step on its shard with two reductions per block, and the
+# logits are gathered on rank 0; `move` is another command, each rank
+# moving its own heads' keys and values. `prefill` and `decode` are lanes,
+# as on every backend. `backend.close()` lets the other ranks return from
 # `launch`, and `backend.comm_seconds()` tells how long each rank has spent
 # in MPI calls.
 #
 # Our script generates greedy tokens with lesson 2's `reference.generate`
-# and prints a JSON line. We run it with `python -m mpi4py script.py`, which
-# makes an error on any rank end the whole job instead of leaving the other
-# ranks waiting forever, and one thread per rank.
+# and prints a JSON line.
 
 # %%
 import json
-import subprocess
 
-SCRIPT = """
+GENERATE_SCRIPT = """
 import json, sys
 from flover.loading import resolve
 from mpi_tp import launch
@@ -312,15 +643,11 @@ if backend is not None:
                       "comm_seconds": backend.comm_seconds().tolist()}))
     backend.close()
 """
-script = OUT / "10_tp_generate.py"
-script.write_text(SCRIPT)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+generate_script = OUT / "10_tp_generate.py"
+generate_script.write_text(GENERATE_SCRIPT)
 
 prompt_text, n_new = "class Point:\n    def __init__(self", 24
-job = subprocess.run([MPIEXEC, "-n", str(WORLD), sys.executable, "-m", "mpi4py", str(script), prompt_text, str(n_new)],
-                     capture_output=True, text=True, env=ENV, timeout=120)  # fmt: skip
-assert job.returncode == 0, job.stderr[-3000:]
-lines = [line for line in job.stdout.splitlines() if line.startswith("{")]
+lines = [line for line in mpirun(WORLD, str(generate_script), prompt_text, str(n_new)).splitlines() if line.startswith("{")]
 assert len(lines) == 1, "only rank 0 prints"
 tp = json.loads(lines[0])
 print(f"{tp['world']} ranks: {tokenizer.decode(tp['tokens'])!r}")
@@ -361,28 +688,25 @@ assert rounding < 1e-4 and gap > 100 * rounding
 # `--trace`), serves it under `--policy`, and prints one row per policy
 # (throughput in tok/s; `x fused`, fused throughput over this row's;
 # latency, TTFT and TPOT; makespan; the mean batch; the share of idle
-# rows). With `--tp`,
-# under `mpiexec`, it serves from a `TPBackend`; only rank 0 prints, and it
-# adds one line: the seconds each rank spent in MPI calls since launch
-# (warm-up included), against the serving time. A rank waiting inside a
-# collective for a slower rank counts that wait too, so on a machine whose
-# cores are busy with other work the share can pass 100%; with a free core
-# per rank it is small. `--json` writes every request's tokens.
+# rows). With `--tp`, under `mpiexec`, it serves from a `TPBackend`; only
+# rank 0 prints, and it adds one line: the seconds each rank spent in MPI
+# calls since launch (warm-up included), against the serving time. A rank
+# waiting inside a collective for a slower rank counts that wait too, so on
+# a machine whose cores are busy with other work the share can pass 100%;
+# with a free core per rank it is small. `--json` writes every request's
+# tokens.
 
 # %%
 ARGS = ["--model", "tiny", "--policy", "fused", "--slots", "4", "--requests", "8", "--rate", "200",
         "--prompt-len", "4:10", "--output-len", "4:12", "--seed", "5", "--quiet"]  # fmt: skip
-bench = subprocess.run([MPIEXEC, "-n", str(WORLD), sys.executable, "-m", "mpi4py", "-m", "flover.cli", "bench", "--tp",
-                        *ARGS, "--json", str(OUT / "07_tp_bench.json")],
-                       capture_output=True, text=True, env=ENV, timeout=120)  # fmt: skip
-assert bench.returncode == 0, bench.stderr[-3000:]
-print(bench.stdout)
-assert bench.stdout.count("fused (slots 4)") == 1 and f"communication over {WORLD} ranks" in bench.stdout
+bench = mpirun(WORLD, "-m", "flover.cli", "bench", "--tp", *ARGS, "--json", str(OUT / "10_tp_bench.json"))
+print(bench)
+assert bench.count("fused (slots 4)") == 1 and f"communication over {WORLD} ranks" in bench
 
 # %% [markdown]
 # The `tiny` preset here has random weights (lesson 1); the tokens still
 # must match. The same trace, served serially in this process under lesson
-# 3's virtual clock, gives every request the tokens the two ranks gave it
+# 4's virtual clock, gives every request the tokens the two ranks gave it
 # (and, as above, no step was close enough to a tie for rounding to matter).
 
 # %%
@@ -394,7 +718,7 @@ tiny_config, tiny_weights, _ = resolve("tiny")
 trace = poisson_trace(200.0, 8, (4, 10), (4, 12), seed=5, vocab_size=tiny_config.vocab_size)
 serial = run_policy(PolicyConfig("serial"), lambda n: NumpyBackend(tiny_config, tiny_weights, n), trace,
                     clock=VirtualClock())  # fmt: skip
-tp_tokens = {r["id"]: r["tokens"] for r in json.loads((OUT / "07_tp_bench.json").read_text())["requests"]}
+tp_tokens = {r["id"]: r["tokens"] for r in json.loads((OUT / "10_tp_bench.json").read_text())["requests"]}
 assert tp_tokens == {r.id: r.tokens for r in serial.results}
 lead = min(smallest_lead(tiny_config, tiny_weights, r.prompt_ids, tp_tokens[r.id]) for r in trace)
 print(f"all {len(tp_tokens)} requests: TP fused tokens == single-process serial tokens (smallest lead {lead:.1e})")
@@ -415,20 +739,22 @@ assert lead > 1e-3, "no step was a near tie that rounding could flip"
 #
 # A rank waiting for a reduction or for rank 0's next command keeps polling,
 # so give each rank a core of its own and one thread (`OMP_NUM_THREADS=1
-# NUMBA_NUM_THREADS=1`). The number of ranks must divide `n_head` and
-# `d_mlp`; `mpi_tp.check_world(config, world)` raises a ValueError that
+# NUMBA_NUM_THREADS=1`, as above). The number of ranks must divide `n_head`
+# and `d_mlp`; `mpi_tp.check_world(config, world)` raises a ValueError that
 # says so otherwise, and `flover` prints it as one line.
 #
 # ## What we have
 #
 # - Megatron's split: `c_attn` and `c_fc` are ColumnParallelLinear (`c_attn`
 #   by heads, n_head / N per rank), `attn_proj` and `mlp_proj`
-#   RowParallelLinear, each followed by one all-reduce; the embedding and LM
-#   head are split by vocabulary.
+#   RowParallelLinear, each followed by one reduction; the embedding and LM
+#   head (31% of GPT-2's bytes) are split by vocabulary.
 # - By hand, the ranks' partial products add up to the whole block and the
 #   whole model, to rounding.
-# - flover's all-reduce adds the parts in rank order, so a request's logits
-#   do not depend on its batch under tensor parallelism either.
+# - The reduction is an allgather and a sum in rank order, written by hand
+#   in mpi4py and bitwise equal to flover's `TPComm.reduce_sum` on every
+#   rank; MPICH's `Allreduce` adds four ranks' parts in another order.
+# - A step's messages are kilobytes per block against megabytes of weights.
 # - Under `mpiexec -n 2`, the split model generates the tokens of one
 #   process, and `flover bench --tp` serves a trace with temporal fusion.
 #   `tests/test_tp_mpi.py` checks more worlds, random models, and fused
