@@ -21,10 +21,14 @@
 # [Hypothesis](https://hypothesis.readthedocs.io), using the strategies
 # flover tests itself with. We plant two classic bugs and watch the property
 # catch each one with a minimal failing trace, then see the correct version
-# pass. Last, we write the same scheduler against the engine's public
+# pass. Then we write the same scheduler against the engine's public
 # interface, `flover.engine.Scheduler`, and check it with
 # `flover.testing.check_scheduler`, the check flover runs on its own
-# policies.
+# policies. Round robin decodes one request per step. The solution at the
+# end decodes every running request in one step: temporal fusion, the
+# subject of this whole project, written by us on the same interface,
+# checked the same way, and counted step by step against round robin and
+# flover's own `FusedScheduler`.
 
 # %% [markdown]
 # This lesson draws no pictures; it only asks for one thread per process, as
@@ -279,26 +283,6 @@ for request in smallest:
 assert len(smallest) == 2 and any(r.sampling.temperature > 0 for r in smallest), "a sampled request and one other"
 
 # %% [markdown]
-# ## The fixed scheduler passes, and so does flover's fused policy
-#
-# The correct `round_robin` (a free list, a sampler per request) passed
-# above. The same property holds for the fused policy of lesson 4, served
-# by `run_policy` under the virtual clock:
-
-# %%
-from flover.clock import VirtualClock
-from flover.runner import PolicyConfig, run_policy
-
-
-def fused(backend, trace):
-    run = run_policy(PolicyConfig("fused", slots=N_SLOTS), make_backend, trace, clock=VirtualClock(), backend=backend)
-    return {r.id: r.tokens for r in run.results}
-
-
-check_tokens(fused)
-print("round_robin (above) and the fused engine: tokens equal serial decoding on every generated trace")
-
-# %% [markdown]
 # ## The same scheduler on the engine's interface
 #
 # `round_robin` is a whole serving loop: it admits, picks slots, prefills,
@@ -312,8 +296,22 @@ print("round_robin (above) and the fused engine: tokens equal serial decoding on
 #   by default, from the front of the queue, as many as fit;
 # - `steps(running)`: what to compute, as a sequence of steps, each a list
 #   of `(request, n)`: feed the request's next `n` uncached tokens (its whole
-#   prompt, a chunk of it, or the one token it sampled last).
+#   prompt, a chunk of it, or the one token it sampled last). The engine
+#   runs each step before it asks for the next, so a step sees the requests
+#   the one before left.
 #
+# (A third, `wake_at(waiting, now)`, says when an idle engine should look
+# again without a new arrival; only a policy that waits on purpose, like
+# dynamic batching, needs it.) Here is the base class, defaults and all:
+
+# %%
+import inspect
+
+from flover.engine import Scheduler
+
+print(inspect.getsource(Scheduler))
+
+# %% [markdown]
 # A running request is a `flover.engine.RequestState`: its `request`, its
 # `ids` (the prompt, then every token generated), `cached`, how many of them
 # its KV memory holds, and `uncached`, how many are still to feed. The KV
@@ -330,7 +328,7 @@ print("round_robin (above) and the fused engine: tokens equal serial decoding on
 # KV memory within the layout's budget. A few Hypothesis examples:
 
 # %%
-from flover.engine import Scheduler, SlotLayout
+from flover.engine import SlotLayout
 from flover.testing import check_scheduler
 
 
@@ -349,39 +347,139 @@ class RoundRobin(Scheduler):
             yield [(decoding[self.turn % len(decoding)], 1)]  # one request's token, in turn
 
 
-@settings(SETTINGS, max_examples=10)
-@given(TRACES)
-def test_round_robin_on_the_engine(trace):
-    check_scheduler(RoundRobin(), lambda: SlotLayout(config, N_SLOTS), make_backend, trace)
+def check_on_the_engine(make_scheduler, n_examples: int = 10) -> None:
+    """check_scheduler on generated traces, a fresh scheduler for each."""
+
+    @settings(SETTINGS, max_examples=n_examples)
+    @given(TRACES)
+    def test_on_the_engine(trace):
+        check_scheduler(make_scheduler(), lambda: SlotLayout(config, N_SLOTS), make_backend, trace)
+
+    test_on_the_engine()
 
 
-test_round_robin_on_the_engine()
+check_on_the_engine(RoundRobin)
 print("RoundRobin on the engine: serial tokens and bitwise serial logits on 10 generated traces")
 
 # %% [markdown]
-# The logits are a sharper test than the tokens. Round robin never shares a
-# step, so it would pass even on lesson 8's BLAS backend, whose rows change
-# with their batch. flover's `FusedScheduler` does share steps: on BLAS,
-# `check_scheduler` catches it on two requests that arrive together, though
-# their tokens may well agree.
+# ## The solution: every running request in one step
+#
+# Round robin leaves all but one running request idle at every step. The
+# batched version feeds each newcomer's prompt alone, as before, and then
+# the next token of *every* request that is decoding, all in one step: one
+# fused decode step per iteration. A request whose prompt has just run
+# sampled its first token in that prompt's step, so it joins the fused step
+# of the same iteration. That is temporal fusion, Flover's idea, and the
+# change to `RoundRobin` is one line:
+
 
 # %%
-from flover.engine import FusedScheduler
+class Fused(Scheduler):
+    name = "fused-by-hand"
+
+    def steps(self, running):
+        for state in [s for s in running if s.uncached > 1]:
+            yield [(state, state.uncached)]  # a newcomer's prompt, alone
+        decoding = [s for s in running if s.uncached == 1]
+        if decoding:
+            yield [(s, 1) for s in decoding]  # every decoding request's next token, in one fused step
 
 
+check_on_the_engine(Fused)
+print("Fused on the engine: serial tokens and bitwise serial logits on 10 generated traces")
+
+# %% [markdown]
+# The batched step passes the bitwise check because flover's NumPy backend
+# computes each row of a step in an order that does not depend on the
+# other rows (lesson 8). Now the point of it: steps. We serve one trace of
+# five requests with four slots under round robin, our `Fused` and
+# flover's `FusedScheduler` (lesson 4), on lesson 4's `VirtualClock()`: a
+# prompt's step costs one unit, and a decode step one unit *whatever its
+# batch*. `engine.stats.steps` records each step: its start, its end, its
+# `batch` (the requests it computed) and its `prefill_rows`.
+
+# %%
+from flover.clock import VirtualClock
+from flover.engine import Engine, FusedScheduler
+
+TRACE = [Request(0, 0.0, (5, 6, 7), 10), Request(1, 0.0, (8, 9, 10, 11), 8), Request(2, 3.0, (12, 13), 9),
+         Request(3, 4.0, (14, 15), 7), Request(4, 6.0, (16, 17, 18), 6)]  # fmt: skip
+
+
+def serve(scheduler, trace=TRACE, n_slots: int = 4):
+    """Run ``trace``; -> ({request id: tokens}, the engine's step records)."""
+    layout = SlotLayout(config, n_slots)
+    engine = Engine(make_backend(layout.shape), scheduler, layout, VirtualClock())
+    return {r.id: r.tokens for r in engine.run(trace)}, engine.stats.steps
+
+
+served = {"round robin": serve(RoundRobin()), "Fused (ours)": serve(Fused()), "FusedScheduler": serve(FusedScheduler())}
+for name, (_, steps) in served.items():
+    decodes = [s for s in steps if s.prefill_rows == 0]
+    print(f"{name:15s} {len(steps):3d} steps ({len(decodes):2d} decode steps, mean batch "
+          f"{np.mean([s.batch for s in decodes]):.2f}), done at t = {steps[-1].end_s:.0f}")  # fmt: skip
+
+(rr_tokens, rr_steps), (our_tokens, our_steps), (flover_tokens, flover_steps) = served.values()
+assert rr_tokens == our_tokens == flover_tokens == serial_outputs(make_backend, TRACE)
+assert len(rr_steps) == sum(len(t) for t in rr_tokens.values()), "round robin: one step per token"
+assert [(s.start_s, s.batch, s.rows) for s in our_steps] == [(s.start_s, s.batch, s.rows) for s in flover_steps]
+assert len(our_steps) < len(rr_steps) / 2
+
+# %% [markdown]
+# The same tokens from all three. Round robin takes one step per token; our
+# `Fused` runs exactly the steps of flover's `FusedScheduler`, at the same
+# times and with the same batches, in less than half as many. Step by step:
+
+# %%
+import matplotlib.pyplot as plt
+from _display import show  # tutorials/_display.py
+
+fig, axes = plt.subplots(3, 1, figsize=(9, 4.5), sharex=True, sharey=True)
+for ax, (name, (_, steps)) in zip(axes, served.items()):
+    for kind, color in (("prompt", "#f28e2b"), ("decode", "#4e79a7")):
+        mine = [s for s in steps if (s.prefill_rows > 0) == (kind == "prompt")]
+        ax.bar([s.start_s for s in mine], [s.batch for s in mine], [s.end_s - s.start_s for s in mine], align="edge",
+               color=color, edgecolor="white", label=f"{kind} step")  # fmt: skip
+    ax.set_ylabel(f"{name}\n{len(steps)} steps", rotation=0, ha="right", va="center")
+axes[0].legend(loc="upper right")
+axes[0].set_title("requests in each step, one trace (virtual clock, simulated: every step costs 1)")
+axes[-1].set_xlabel("virtual time")
+show(fig, "11_steps.png")
+
+# %% [markdown]
+# flover's own version is the same few lines, as `prefill_alone` (the
+# default of `FusedScheduler`; with `prefill="chunked"` it feeds prompts in
+# chunks beside the decodes instead, lesson 7):
+
+# %%
+from flover.engine import scheduler as flover_scheduler
+
+print(inspect.getsource(flover_scheduler.prefill_alone))
+
+# %% [markdown]
+# ## What the bitwise check adds
+#
+# The logits are a sharper test than the tokens. Round robin never shares a
+# step, so it would pass even on lesson 8's BLAS backend (`invariant=False`:
+# NumPy's matrix products, whose rows change with their batch). Our `Fused`
+# does share steps: on BLAS, `check_scheduler` catches it on two requests
+# that arrive together, though their tokens may well agree.
+
+
+# %%
 def blas_backend(kv) -> NumpyBackend:
     return NumpyBackend(config, weights, kv, invariant=False)
 
 
 pair = [Request(0, 0.0, (5, 6, 7), 6), Request(1, 0.0, (8, 9, 10, 11, 12), 6)]
 check_scheduler(RoundRobin(), lambda: SlotLayout(config, N_SLOTS), blas_backend, pair)
-check_scheduler(FusedScheduler(), lambda: SlotLayout(config, N_SLOTS), make_backend, pair)
+check_scheduler(Fused(), lambda: SlotLayout(config, N_SLOTS), make_backend, pair)
 try:
-    check_scheduler(FusedScheduler(), lambda: SlotLayout(config, N_SLOTS), blas_backend, pair)
+    check_scheduler(Fused(), lambda: SlotLayout(config, N_SLOTS), blas_backend, pair)
     caught = None
 except AssertionError as failure:
     caught = failure
-print("fused on BLAS:", caught)
+print("Fused on BLAS:", caught)
 assert caught is not None and "logits differ" in str(caught)
 
 # %% [markdown]
@@ -390,11 +488,10 @@ assert caught is not None and "logits differ" in str(caught)
 # - Write a shortest-job-first scheduler in the style of `round_robin`
 #   (admit the waiting request with the smallest `max_new_tokens` first) and
 #   run `check_tokens` on it; then write it as a `Scheduler` whose `admit`
-#   picks from `waiting` in that order, and run `check_scheduler` on it.
-# - Make `RoundRobin` decode all its in-flight requests in one step (you
-#   will have rebuilt temporal fusion, `FusedScheduler`), or feed prompts in
-#   chunks of a few tokens beside the decodes, and check it again; try a
-#   `PagedLayout` (lesson 5) as its memory too.
+#   picks from `waiting` in that order, and run `check_on_the_engine` on it.
+# - Give `Fused` chunked prefill: one step per iteration holding every
+#   decode and prompt chunks up to a token budget (lesson 7), and check it
+#   again; try a `PagedLayout` (lesson 6) as its memory too.
 # - `flover.testing.slot_maps()` generates KV slot maps; turn lesson 5's
 #   brute-force check of `shuffle_plan` into a `@given` test over maps of up
 #   to 24 slots.
