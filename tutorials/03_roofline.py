@@ -357,15 +357,15 @@ for name, peak, bandwidth, color in (("H100 SXM (data sheet)", h100_peak, h100_b
     ax.axvline(peak / bandwidth, color=color, linestyle=":", linewidth=0.8)
 h100_points = [np.divide(*decode_counts(gpt2, b, 48, 2)[::-1]) for b in BATCHES]
 ax.plot(h100_points, np.minimum(h100_peak, np.array(h100_points) * h100_bandwidth), "s", color="#4e79a7",
-        label="decode steps, B = 1 .. 32 (fp16)")  # fmt: skip
+        label="decode steps, B = 1 .. 32, on the H100's roof (fp16, modelled)")  # fmt: skip
 cpu_points = list(fp32_intensity.values())
 ax.plot(cpu_points, np.minimum(cpu_peak, np.array(cpu_points) * cpu_bandwidth), "o", color="#e15759",
-        label="decode steps, B = 1 .. 32 (fp32)")  # fmt: skip
+        label="decode steps, B = 1 .. 32, on this CPU's roof (fp32)")  # fmt: skip
 ax.plot(cpu_points, [decode_counts(gpt2, b, 48, 4)[1] / cpu_s[b] for b in BATCHES], "o", mfc="none",
         color="#e15759", label="reached on this CPU (measured)")  # fmt: skip
 ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOPs per byte)", ylabel="FLOP/s",
        title="the roofline; dotted: ridge points")  # fmt: skip
-ax.legend(fontsize=8, loc="upper left")
+ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
 show(fig, "03_roofline.png")
 
 # %% [markdown]
