@@ -275,10 +275,11 @@ assert (engine.prefill_steps, engine.decode_steps) == flover_steps
 # Flover's `prefill_alone`: each newcomer's prompt alone, then one fused
 # decode step. `_step` runs one step: lanes, `backend.step`, the clock, and
 # for each request `accept` (sample and timestamps) and, once done,
-# `release` (evict). What ours lacks: `idle_lanes` and `_compact`, the holes
-# and the memory shuffle of lesson 5; `_grow` and `_preempt`, for memory
-# cut into pages, which can run out as requests grow (lesson 6); and
-# cancelled requests, for a live server.
+# `release` (evict). What ours lacks: `idle_lanes` and `_compact`, lesson
+# 5's subject (rows a step computes for no one, and moving requests between
+# slots); `_grow` and `_preempt`, for memory cut into pages, which can run
+# out as requests grow (lesson 6); and cancelled requests, for a live
+# server.
 
 # %%
 import inspect
@@ -299,7 +300,8 @@ for part in (Engine.run, Engine.iterate, prefill_alone, Engine._step):
 # call it **continuous batching**. Flover's temporal fusion is the same
 # idea. Where they differ is the KV memory. Flover gives each request a
 # fixed slot that holds a whole context, and its fused step runs over a
-# contiguous batch of slots, kept contiguous by the memory shuffle
+# contiguous batch of slots, kept contiguous by the *memory shuffle*, which
+# moves requests between slots to close the gaps that departed ones leave
 # (lesson 5). vLLM cuts the memory into small pages, blocks of 16 positions
 # that a request takes as it grows and that may lie anywhere (lesson 6
 # compares the two).
@@ -376,8 +378,8 @@ print("all four policies returned, for every request, the tokens of reference.ge
 # steps alike, as a `Step(start_s, end_s, batch, rows, idle_rows,
 # prefill_rows, kv_bytes)`: `batch` requests were computed, in `rows` rows
 # of which `prefill_rows` were prompt tokens and `idle_rows` rows were for
-# no request at all (the padding of dynamic batching here, holes in lesson
-# 5); `kv_bytes` is the KV memory requests held. The metrics count the
+# no request at all (the padding of dynamic batching here; lesson 5 meets
+# more); `kv_bytes` is the KV memory requests held. The metrics count the
 # `decode_steps` and their `mean_batch`, the decode rows of a decode step.
 # `run.config` is the run's `PolicyConfig`, whose `label` names it in
 # tables and plots.
@@ -409,14 +411,16 @@ assert virtual["fused"].metrics["makespan_s"] == min(run.metrics["makespan_s"] f
 # then makes later arrivals wait for the whole batch and carries finished
 # members (the red "lanes computed, idle ones too" line above the blue
 # one); fusion lets each request join the running batch right after its
-# prefill, and at its busiest moments newcomers wait for one of the 8 slots.
+# prefill, and at its busiest the batch fills all 8 slots, so newcomers
+# wait for one to free.
 
 # %%
 from flover.plots import latency_cdfs, timeline
 
 SIMULATED = "virtual clock: simulated time"
-for policy, run in virtual.items():
-    show_file(timeline(run, OUT / f"04_timeline_virtual_{policy}.png", SIMULATED))
+for policy in ("serial", "dynamic", "fused"):  # instances: two serial queues side by side
+    show_file(timeline(virtual[policy], OUT / f"04_timeline_virtual_{policy}.png", SIMULATED))
+assert max(step.batch for step in virtual["fused"].stats.steps) == SLOTS, "at its busiest the batch fills every slot"
 
 # %% [markdown]
 # `flover.plots.latency_cdfs(runs, path, note)` draws, per policy, the
@@ -583,8 +587,8 @@ assert wall["fused"].metrics["makespan_s"] < wall["serial"].metrics["makespan_s"
 # so a stream of arrivals cannot starve the running batch). Each prefill
 # still pauses the batch for its own length: the small gaps in the
 # batch-size curve. Flover avoids even those on a GPU by running prefills on
-# a second *stream*, a separate queue of GPU work that runs alongside the
-# first, so the batch keeps decoding meanwhile.
+# a second **GPU stream**, a separate queue of work on the GPU that runs
+# alongside the first, so the batch keeps decoding meanwhile.
 #
 # Another answer is **chunked prefill**: a prompt cut into chunks that ride
 # in the decode steps beside the running batch. Lesson 7 builds it.
@@ -602,4 +606,5 @@ assert wall["fused"].metrics["makespan_s"] < wall["serial"].metrics["makespan_s"
 #   returns: tokens, times, logits bit for bit, and steps. The field calls
 #   it iteration-level scheduling (Orca) or continuous batching (vLLM).
 # - When a request in the middle of the fused batch leaves, its slot becomes
-#   a hole. Lesson 5 is about what to do with it.
+#   a gap in the batch. Lesson 5 is about what that gap costs and how
+#   Flover closes it.

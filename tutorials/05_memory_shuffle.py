@@ -490,8 +490,8 @@ assert busy_s[True] < 0.9 * busy_s[False], "on this CPU too, the shuffle saves t
 #
 # Holes and shuffles come from one choice: a request owns one contiguous
 # slot that holds a whole context, and a step runs over a contiguous window
-# of them. vLLM chose the other way, paged KV blocks, where each lane reads
-# its own list of small blocks wherever they lie, so nothing idle is
+# of them. vLLM chose the other way: KV memory in small blocks, each lane
+# reading its own list of blocks wherever they lie, so nothing idle is
 # computed and nothing ever moves. Lesson 6 compares the two at the same KV
 # memory.
 #
