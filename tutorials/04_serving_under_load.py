@@ -241,9 +241,10 @@ assert all(len(ours[r.id].tokens) == r.max_new_tokens for r in trace), "no stop 
 # flover's engine is `flover.engine.Engine`, and its fused policy runs it
 # with a `FusedScheduler` and a **KV layout**, the part that decides where
 # each request's keys and values live: Flover's is `SlotLayout`, one slot
-# per request (lesson 5 opens it). `flover.runner.PolicyConfig("fused", slots=8)` names that
-# policy, and `flover.runner.run_policy(policy_config, make_backend,
-# requests, clock)` builds the engine and serves a trace with it.
+# per request (lesson 5 opens it).
+# `flover.runner.PolicyConfig("fused", slots=8)` names that policy, and
+# `flover.runner.run_policy(policy_config, make_backend, requests, clock)`
+# builds the engine and serves a trace with it.
 # `make_backend(kv)` must return a fresh backend with that much KV memory
 # (an int is that many slots); `flover.backends.BackendFactory(name,
 # config, weights)` is one. With `keep_logits=True` each request keeps the
@@ -585,8 +586,8 @@ assert wall["fused"].metrics["makespan_s"] < wall["serial"].metrics["makespan_s"
 # engine prefills the requests that had arrived when the iteration began
 # (newcomers that arrive during those prefills wait for the next iteration,
 # so a stream of arrivals cannot starve the running batch). Each prefill
-# still pauses the batch for its own length: the small gaps in the
-# batch-size curve. Flover avoids even those on a GPU by running prefills on
+# still pauses the batch for its own length (the orange bars). Flover
+# avoids even those pauses on a GPU by running prefills on
 # a second **GPU stream**, a separate queue of work on the GPU that runs
 # alongside the first, so the batch keeps decoding meanwhile.
 #
