@@ -369,8 +369,9 @@ print("RoundRobin on the engine: serial tokens and bitwise serial logits on 10 g
 # the next token of *every* request that is decoding, all in one step: one
 # fused decode step per iteration. A request whose prompt has just run
 # sampled its first token in that prompt's step, so it joins the fused step
-# of the same iteration. That is temporal fusion, Flover's idea, and the
-# change to `RoundRobin` is one line:
+# of the same iteration. That is temporal fusion, Flover's idea. From
+# `RoundRobin`, only the last line changes (and the turn is no longer
+# needed):
 
 
 # %%
@@ -447,14 +448,19 @@ axes[-1].set_xlabel("virtual time")
 show(fig, "11_steps.png")
 
 # %% [markdown]
-# flover's own version is the same few lines, as `prefill_alone` (the
-# default of `FusedScheduler`; with `prefill="chunked"` it feeds prompts in
-# chunks beside the decodes instead, lesson 7):
+# flover's own version is the same few lines, `prefill_alone`. It is what
+# `FusedScheduler` runs by default (with `prefill="chunked"` it feeds
+# prompts in chunks beside the decodes instead, lesson 7), and what the base
+# class's `steps` returns, as its source above said: a scheduler that
+# overrides only `admit` still fuses. The bare base class runs our steps:
 
 # %%
 from flover.engine import scheduler as flover_scheduler
 
 print(inspect.getsource(flover_scheduler.prefill_alone))
+_, base_steps = serve(Scheduler())
+print(f"Scheduler(): {len(base_steps)} steps")
+assert [(s.start_s, s.batch, s.rows) for s in base_steps] == [(s.start_s, s.batch, s.rows) for s in our_steps]
 
 # %% [markdown]
 # ## What the bitwise check adds
