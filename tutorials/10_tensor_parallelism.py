@@ -376,7 +376,8 @@ print(inspect.getsource(TPComm.reduce_sum))
 #
 # - allgathers the partials into an [N, B, C] buffer and adds them in rank
 #   order (our reduction);
-# - asks flover's `TPComm.reduce_sum` for the same sum;
+# - asks flover's `TPComm.reduce_sum` for the same sum, and for the sum of
+#   its first row alone, as a batch of one;
 # - and asks MPI's `Allreduce` for it, in whatever order MPICH picks;
 #
 # and each rank saves its partial and the three sums to a file, for us to
@@ -404,9 +405,11 @@ for part in gathered[1:]:
     total += part  # ((p0 + p1) + p2) + ...: rank order
 
 flover_sum = TPComm(comm).reduce_sum(partial)
+flover_row0 = TPComm(comm).reduce_sum(partial[:1])  # the first row alone: a batch of 1
 mpi_sum = np.empty_like(partial)
 comm.Allreduce(partial, mpi_sum, op=MPI.SUM)  # MPI's order
-np.savez(out / f"sum_{world}_{rank}.npz", partial=partial, total=total, flover=flover_sum, mpi=mpi_sum)
+np.savez(out / f"sum_{world}_{rank}.npz", partial=partial, total=total, flover=flover_sum, flover_row0=flover_row0,
+         mpi=mpi_sum)
 """
 sum_script = OUT / "10_rank_order_sum.py"
 sum_script.write_text(SUM_SCRIPT)
@@ -450,7 +453,8 @@ for world in (2, 4):
 
 # %% [markdown]
 # On every rank, ours and flover's are the same bits, and every rank has
-# the same sum. Adding the saved partials in rank order in this process,
+# the same sum; the first row, summed alone, has the bits it has in the
+# batch of four. Adding the saved partials in rank order in this process,
 # another run on another day, gives those bits again: the sum depends on the
 # partials and the number of ranks, nothing else. MPI's sum agrees over two
 # ranks; over four, it does not.
@@ -464,6 +468,7 @@ for world, ranks in runs.items():
         here += r["partial"]
     assert all(np.array_equal(r["total"], r["flover"]) for r in ranks), "ours == TPComm.reduce_sum, on every rank"
     assert all(np.array_equal(r["total"], ours) for r in ranks), "every rank has the same bits"
+    assert all(np.array_equal(r["flover_row0"][0], r["flover"][0]) for r in ranks), "a row alone == in its batch"
     assert np.array_equal(here, ours), "the rank-order sum, redone in this process"
     mpi_differs[world] = int((ranks[0]["mpi"] != ours).sum())
     print(f"{world} ranks: ours == flover's on all {world} ranks; Allreduce differs from the rank order "
@@ -476,10 +481,10 @@ assert mpi_differs[2] == 0, "two ranks: one possible sum"
 assert mpi_differs[4] > 0 and pairs_everywhere, "four ranks: this MPICH adds in pairs (if it changed, so must this text)"
 
 # %% [markdown]
-# Here MPICH adds four ranks' parts in pairs, the way its algorithm for
-# short messages (recursive doubling: ranks 0 and 1 swap and add while 2
-# and 3 do, then the pairs swap) groups them. That is MPICH's choice to
-# make and to change; the rank-order sum leaves it no choice.
+# Here MPICH adds four ranks' parts in pairs, as a tree of messages does:
+# ranks 0 and 1 exchange and add while ranks 2 and 3 do, then the two pairs
+# exchange and add. Fewer rounds of messages, another rounding. That is
+# MPICH's choice to make and to change; the rank-order sum leaves it none.
 #
 # The price: an allgather brings each rank N - 1 partials of [B, C] floats.
 # An all-reduce can do with less for many ranks (each rank adds up 1/N of
