@@ -127,8 +127,8 @@ print(inspect.getsource(shard_weights))
 # transformer block, the two layer norms, a `ColumnParallelLinear` (`w`,
 # `b`) for `c_attn` and `c_fc`, and a `RowParallelLinear` (`w`, `b`, and
 # `zero`, a bias of zeros for the partial product) for `attn_proj` and
-# `mlp_proj`. Here are every field of it and each linear layer of block 0,
-# for both shards of the default model of lesson 1 with N = 2.
+# `mlp_proj`. Here is each of its fields for both shards of the default
+# model of lesson 1 with N = 2, then each linear layer of block 0.
 
 # %%
 from dataclasses import fields
