@@ -58,6 +58,23 @@ def test_the_shuffle_fills_the_hole_instead(small_model):
     assert all(len(step) <= 3 for step in backend.steps)
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_a_request_that_ends_in_its_prefill_leaves_no_hole_uncomputed_or_unfilled(small_model, shuffle):
+    """Request 1 ends with its prefill's one token while request 2, prefilled after it, sits above its slot:
+    the fused decode step that follows sees a window of slots 0-2 with a hole at 1."""
+    backend = RecordingBackend(*small_model, 3)
+    engine = Engine(backend, FusedScheduler(), SlotLayout(SMALL, 3, shuffle=shuffle), VirtualClock())
+    done = engine.run(burst((4, 5), (5, 1), (3, 5)))
+    assert sorted(len(r.tokens) for r in done) == [1, 5, 5]
+    decodes = [sorted(b[0] for b, tokens, _ in step) for step in backend.steps if len(step) > 1 or len(step[0][1]) == 1]
+    if shuffle:  # moved down before the decode step: every window is slots 0..k-1, no idle row
+        assert engine.stats.moves == 1 and all(slots == list(range(len(slots))) for slots in decodes)
+        assert sum(s.idle_rows for s in engine.stats.steps) == 0
+    else:  # the hole is computed as request 1's last lane until the window shrinks
+        assert engine.stats.moves == 0 and decodes[0] == [0, 1, 2]
+        assert engine.stats.steps[3].idle_rows == 1
+
+
 def test_paged_memory_is_returned_and_a_tight_pool_preempts_without_losing_anyone(make_backend):
     trace = burst((6, 10), (6, 10), (6, 10))
     layout = PagedLayout(SMALL, n_blocks=5, block_size=4)  # each request needs 4 blocks at its longest

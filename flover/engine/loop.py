@@ -86,6 +86,7 @@ class Engine:
         if not self.running:
             return False
         for work in self.scheduler.steps(self.running):
+            self._compact()  # whoever left since the last step (a prompt's only token, a cancel) leaves no hole
             self._step(work, self.running, self.waiting)
         self._compact()
         if not self.running:
