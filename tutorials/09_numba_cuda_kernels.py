@@ -14,14 +14,16 @@
 # %% [markdown]
 # # Lesson 9: Numba CUDA kernels
 #
-# Lesson 8 made a decode step batch invariant on the CPU: every sum runs in
-# an order fixed by one request's own sizes. `numba_kernels/` writes the
-# same model for a GPU, as CUDA kernels in Python compiled by Numba, under
-# the same rule. This lesson reads those kernels one by one: the three
-# matrix products side by side, the choice between them, decode attention
-# over the KV slots, the memory shuffle, and finally `NumbaBackend`, a
-# backend like lesson 2's whose fused decode step gives every request the
-# bits it gets alone.
+# Lesson 8 made a step batch invariant on the CPU: every sum runs in an
+# order fixed by one request's own sizes. `numba_kernels/` writes the same
+# model for a GPU (lesson 3), as CUDA kernels in Python compiled by Numba,
+# under the same rule. This lesson reads those kernels: five matrix products
+# (an older three and two newer ones) side by side, who computes what in
+# each, the choice between them, two versions of decode attention, the
+# memory shuffle, and `NumbaBackend`, a backend like lesson 2's whose fused
+# step gives every request the bits it gets alone. Then it asks NVIDIA's
+# compiler what it makes of the kernels, and what a roofline model expects
+# of them on an H100.
 #
 # No GPU? Numba's **CUDA simulator** runs the very same kernel source on the
 # CPU. This lesson turns it on where it finds no GPU, and runs unmodified
@@ -36,15 +38,13 @@
 # without touching CUDA: the NVIDIA driver installs `nvidia-smi`, and
 # `nvidia-smi -L` lists the GPUs it sees. If you set the variable yourself
 # (`make test` sets it), your choice stands.
-#
-# The helpers of lesson 1 follow: `OUT`, `show(fig, name)` and
-# `show_file(path)` for pictures.
 
 # %%
 # ruff: noqa: E402  (each cell imports what it first uses, as a reader meets it)
 import os
 import shutil
 import subprocess
+import sys
 
 
 def gpu_listed() -> bool:
@@ -62,22 +62,23 @@ def gpu_listed() -> bool:
 if not gpu_listed():
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")  # before Numba is imported
 
-
 # %% [markdown]
 # `numba_kernels.device` answers two questions: `simulated()`, whether the
 # simulator is on, and `device_name()`, the GPU's name ("simulator" under
 # the simulator). `require_cuda()` raises `NoCudaError` when there is
 # neither a GPU nor the simulator.
 #
-# The simulator runs each GPU thread as a Python thread, and Python passes
-# the interpreter from one thread to the next every 5 ms by default. At a
-# barrier (below) every thread of a block must get its turn, so each barrier
-# costs milliseconds. Under the simulator we switch every 0.1 ms instead, as
-# flover's tests do (`numba_kernels.simulator.quick_switching`); on a GPU
-# nothing changes. (Importing `numba_kernels` under the simulator also
-# closes a race in it; `numba_kernels/simulator.py` tells the story.)
+# The simulator runs each GPU thread (below) as a Python thread, and Python
+# passes the interpreter from one thread to the next every 5 ms by default.
+# At a barrier (below) every thread of a block must get its turn, so each
+# barrier costs milliseconds. Under the simulator we switch every 0.1 ms
+# instead, as flover's tests do (`numba_kernels.simulator.quick_switching`);
+# on a GPU nothing changes. (Importing `numba_kernels` under the simulator
+# also closes a race in it; `numba_kernels/simulator.py` tells the story.)
+# The helpers of lesson 1 follow: `show(fig, name)` for pictures.
+
 # %%
-import sys
+import inspect
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -95,18 +96,29 @@ if simulated():
 # %% [markdown]
 # ## Threads, blocks and grids
 #
-# A CUDA **kernel** is a function that many **threads** run at once, each on
-# its own piece of the data. Threads come in **blocks** of up to 1024; the
-# threads of one block run on the same multiprocessor, can share a small
-# fast **shared memory**, and can wait for each other at a **barrier**
-# (`cuda.syncthreads()`). The blocks of one launch form the **grid**; blocks
-# run in any order and cannot wait for each other. A thread knows where it
-# stands from `cuda.threadIdx` (its place in its block), `cuda.blockIdx`
-# (its block's place in the grid) and `cuda.blockDim` (the block's size),
-# each with `.x`, `.y`, `.z` for grids and blocks of up to three dimensions.
-# In Numba, `@cuda.jit` makes a kernel, `kernel[blocks, threads](args)`
-# launches it, `cuda.to_device(a)` copies a NumPy array to the GPU and
-# `.copy_to_host()` copies it back.
+# A GPU is built of **multiprocessors** (SMs, *streaming multiprocessors*:
+# 132 on an H100), each a processor of its own with many arithmetic units.
+# A CUDA **kernel** is a function that many **threads** run at once, each
+# on its own piece of the data. Threads come in **blocks** of up to 1024; a
+# block runs on one multiprocessor, and an SM runs several blocks at once.
+# Inside an SM the threads go in **warps** of 32 that execute the same
+# instruction together, like the SIMD lanes of lesson 8. Each thread has its
+# own **registers** (the fastest storage; an SM has 65,536 of 4 bytes,
+# shared out among the threads it runs). The threads of one block can share
+# a small fast **shared memory** on their SM (up to 228 KB an SM on an H100),
+# and wait for each other at a **barrier** (`cuda.syncthreads()`). The GPU's
+# main memory (lesson 3's HBM) is called **global memory**: large, but each
+# read takes hundreds of cycles to arrive.
+#
+# The blocks of one launch form the **grid**; they run in any order and
+# cannot wait for each other. A thread knows where it stands from
+# `cuda.threadIdx` (its place in its block), `cuda.blockIdx` (its block's
+# place in the grid) and `cuda.blockDim` (the block's size), each with `.x`,
+# `.y`, `.z` for grids and blocks of up to three dimensions. In Numba,
+# `@cuda.jit` makes a kernel (compiled for the GPU, as `@njit` compiles for
+# the CPU in lesson 8), `kernel[blocks, threads](args)` launches it,
+# `cuda.to_device(a)` copies a NumPy array to the GPU and `.copy_to_host()`
+# copies it back.
 #
 # The smallest example: 20 elements, blocks of 8 threads, so 3 blocks (24
 # threads). Each thread computes its global index and records who it is. The
@@ -133,84 +145,185 @@ print("thread:", thread_of.tolist())
 assert np.array_equal(block_of * threads + thread_of, np.arange(n)), "every element written once, by its own thread"
 
 # %% [markdown]
-# ## Three GEMMs, side by side
+# ## GEMM, versions 1 to 3
 #
-# Every linear layer is a **GEMM** (general matrix multiply):
-# out[M, N] = x[M, K] @ w[K, N] + b[N], with M rows (prompt tokens in a
-# prefill, requests in a decode step). `numba_kernels/gemm.py` holds three
-# versions; a `Variant(kernel, params)` names one with its launch
-# parameters, and `launch(variant, x, w, b, out)` runs it on device arrays.
+# Every linear layer is a GEMM (lesson 8): out[M, N] = x[M, K] @ w[K, N] +
+# b[N], with M rows (prompt tokens in a prefill, requests in a decode
+# step). `numba_kernels/gemm.py` holds three versions, numbered in its
+# header; a `Variant(kernel, params)` names one with its launch parameters,
+# and `launch(variant, x, w, b, out)` runs it on device arrays.
 #
 # 1. **naive**, params `(threads,)`: one thread per output element. The grid
 #    is (ceil(N / threads), M): `blockIdx.y` is the row, and the threads of a
 #    block take consecutive columns. Each thread walks all of K, reading x and
-#    w from the GPU's main memory.
+#    w from global memory. When the 32 threads of a warp read 32 consecutive
+#    floats (here, row k of w), the memory serves them as a few whole
+#    32-byte pieces: the reads are **coalesced**.
+
+# %%
+from numba_kernels import gemm
+
+print(inspect.getsource(gemm.gemm_naive.py_func))
+
+# %% [markdown]
 # 2. **tiled**, params `(BM, BN, BK, TM, TN)`: a block computes a BM x BN
 #    tile of the output. It copies a BM x BK slab of x and a BK x BN slab of
 #    w into shared memory, waits at a barrier, multiplies, and moves on to
 #    the next BK. Each of its (BM/TM) x (BN/TN) threads keeps a TM x TN patch
 #    of outputs in registers (**register blocking**), so each number read
-#    from shared memory feeds several multiply-adds. For prefills and big
-#    batches.
+#    from shared memory feeds several multiply-adds. Shared memory is cut
+#    into 32 **banks**, consecutive 4-byte words in consecutive banks; a warp
+#    reads it in one go when its 32 threads hit 32 different banks (or the
+#    very same word), and waits once more for every extra word in one bank
+#    (a **bank conflict**). So each thread's patch is strided: neighbouring
+#    threads read neighbouring words. The kernel is compiled once per tile
+#    shape, since shared and register arrays need sizes known at compile
+#    time. For prefills and big batches.
+
+# %%
+print(inspect.getsource(gemm.tiled_kernel))
+
+# %% [markdown]
 # 3. **gemv**, params `(threads, ROWS)` (matrix-vector, for few rows): each
 #    thread owns one output column for up to ROWS rows. It walks K reading its
-#    column of w once for all its rows; the rows of x sit in shared memory.
-#    In a decode step the weights are most of the bytes, so reading them once
-#    per ROWS rows is what counts.
+#    column of w once for all its rows, coalesced across the warp; the rows
+#    of x sit in shared memory. In a decode step the weights are most of the
+#    bytes, so reading them once per ROWS rows is what counts.
+
+# %%
+print(inspect.getsource(gemm.gemv_kernel))
+
+# %% [markdown]
+# ## GEMM, versions 4 and 5
 #
-# Who computes what, for M = 12 rows and N = 40 columns: colour is the block
-# (`owner` redoes each kernel's index arithmetic on the host). In the tiled
-# kernel the dots mark the outputs of one thread, thread (0, 0) of the first
-# block: its TM x TN patch is spread across the tile with a stride, so that
-# neighbouring threads read neighbouring shared-memory words.
+# A memory read takes hundreds of cycles to arrive, so a kernel that reads
+# one number and waits for it, then the next, uses a sliver of the
+# bandwidth: the memory delivers only as many bytes per second as are *in
+# flight*, asked for and not yet arrived, divided by the wait (the roofline
+# estimate below counts this). Versions 4 and 5 keep more reads in flight.
+#
+# 4. **staged** (`gemm_staged.py`), params `(threads, BN, ROWS, KC)`, the
+#    GEMV for decode steps: a block owns a strip of BN = 8 output columns.
+#    All its threads load the next chunk of KC rows of the strip (and of x)
+#    into registers at once, coalesced, and store them to shared memory
+#    while one thread per output sums the chunk before from shared memory
+#    (double buffering). It can also finish each element with a fused
+#    *epilogue* (a residual add, GELU, or the K/V store) instead of a
+#    separate kernel.
+
+# %%
+from numba_kernels import gemm_prefetch, gemm_staged
+
+print(inspect.getsource(gemm_staged.staged_kernel))
+
+# %% [markdown]
+# 5. **prefetch** (`gemm_prefetch.py`), no params: version 2 for prefills,
+#    with 128 x 128 tiles, 8 x 8 outputs a thread, the next tile loaded into
+#    registers while this one is summed, and the transposed x tile padded by
+#    4 floats a row in shared memory, so the stores of a warp fall in 32
+#    different banks.
+
+# %%
+print(inspect.getsource(gemm_prefetch.prefetch_kernel))
+
+# %% [markdown]
+# ## Who computes what
+#
+# `launch` gives each variant its grid and block (the end of
+# `numba_kernels/gemm.py`). To see which block writes which output, we
+# launch a kernel ourselves on *part* of its grid, on an output full of
+# NaN: a launch of the first a columns of blocks writes exactly the
+# outputs of those blocks, so the first launch that writes an output tells
+# the x index of its block, and likewise for y. Blocks never read the grid's
+# size, so a block computes the same outputs in a partial grid as in the
+# full one. The shape is 6 x 40 with K = 4: who computes what does not
+# depend on K.
+#
+# In the tiled kernel the dots mark the outputs of one thread, thread (0, 0)
+# of the first block: we launch that block with that one thread. Its values
+# are wrong (the other threads would have loaded the rest of the tiles),
+# but where they land is right: a TM x TN patch spread over the tile with a
+# stride, as the source says.
 
 # %%
 from numba_kernels.gemm import Variant, launch
+from numba_kernels.grid import cdiv
 
-NAIVE, TILED, GEMV = Variant("naive", (32,)), Variant("tiled", (8, 16, 8, 2, 4)), Variant("gemv", (32, 4))
+NAIVE, TILED, GEMV = Variant("naive", (32,)), Variant("tiled", (4, 16, 8, 2, 4)), Variant("gemv", (32, 4))
+STAGED, PREFETCH = Variant("staged", (32, 8, 4, 16)), Variant("prefetch", ())
 
 
-def owner(variant: Variant, m: int, n: int) -> np.ndarray:
-    """[m, n]: the number of the block that computes each output element (grid x fastest)."""
-    rows, cols = np.indices((m, n))
+def compiled(variant: Variant):
+    """(kernel, threads a block, outputs a block covers as (columns, rows)), as ``launch`` uses them."""
+    p = variant.params
     if variant.kernel == "naive":
-        per_block_rows, per_block_cols = 1, variant.params[0]
-    elif variant.kernel == "tiled":
-        per_block_rows, per_block_cols = variant.params[0], variant.params[1]
-    else:
-        per_block_rows, per_block_cols = variant.params[1], variant.params[0]
-    grid_x = -(-n // per_block_cols)
-    return (rows // per_block_rows) * grid_x + cols // per_block_cols
+        return gemm.gemm_naive, p[0], (p[0], 1)
+    if variant.kernel == "tiled":
+        bm, bn, _, tm, tn = p
+        return gemm.tiled_kernel(*p), (bn // tn, bm // tm), (bn, bm)
+    if variant.kernel == "gemv":
+        return gemm.gemv_kernel(p[1]), p[0], p
+    return gemm_staged.staged_kernel(*p), p[0], (p[1], p[2])  # staged
 
 
-M, N = 12, 40
-fig, axes = plt.subplots(1, 3, figsize=(13, 3))
-for ax, variant in zip(axes, (NAIVE, TILED, GEMV)):
-    blocks_of = owner(variant, M, N)
-    ax.imshow(blocks_of % 10, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
-    ax.set(title=f"{variant}: {blocks_of.max() + 1} blocks", xlabel="column n", ylabel="row m")
+def written(variant: Variant, grid, m: int, n: int, k: int = 4, threads=None) -> np.ndarray:
+    """[m, n]: which outputs a launch on ``grid`` (blocks, as (x, y)) writes."""
+    kernel, block, _ = compiled(variant)
+    poison = np.float32(-1.5e38)  # no product of these inputs comes out as this
+    x, w = cuda.to_device(np.ones((m, k), np.float32)), cuda.to_device(np.ones((k, n), np.float32))
+    b, out = cuda.to_device(np.zeros(n, np.float32)), cuda.to_device(np.full((m, n), poison, np.float32))
+    kernel[grid, threads or block](x, w, b, out, *(((),) if variant.kernel == "staged" else ()))
+    return out.copy_to_host() != poison
+
+
+def block_map(variant: Variant, m: int, n: int) -> np.ndarray:
+    """[m, n]: the number of the block (y * grid_x + x) that writes each output, found by launching part grids."""
+    per_x, per_y = compiled(variant)[2]
+    grid_x, grid_y = cdiv(n, per_x), cdiv(m, per_y)
+    assert written(variant, (grid_x, grid_y), m, n).all(), f"{variant}: the full grid writes every output"
+    x_of = sum(~written(variant, (a, grid_y), m, n) for a in range(1, grid_x))  # blocks x < a miss it: x >= a
+    y_of = sum(~written(variant, (grid_x, a), m, n) for a in range(1, grid_y))
+    return y_of * grid_x + x_of
+
+
+M, N = 6, 40
+fig, axes = plt.subplots(2, 2, figsize=(12, 5.5), layout="constrained")
+for ax, variant in zip(axes.flat, (NAIVE, TILED, GEMV, STAGED)):
+    owner = block_map(variant, M, N)
+    per_x, per_y = compiled(variant)[2]
+    sizes = np.bincount(owner.ravel())
+    print(f"{variant!s:18s} {len(sizes):2d} blocks, each writing at most {per_y} x {per_x} outputs")
+    assert len(sizes) == cdiv(N, per_x) * cdiv(M, per_y) and sizes.min() > 0, "every block has work"
+    assert sizes.max() == min(per_x, N) * min(per_y, M), "a block writes its whole tile, no more"
+    ax.imshow(owner % 10, cmap="tab10", vmin=0, vmax=9, interpolation="nearest", aspect="auto")
+    for block in range(len(sizes)):
+        rows_of, cols_of = np.nonzero(owner == block)
+        ax.text(cols_of.mean(), rows_of.mean(), str(block), ha="center", va="center", color="white", fontsize=8)
+    ax.set(title=f"{variant}: {len(sizes)} blocks", xlabel="column n", ylabel="row m")
 bm, bn, _, tm, tn = TILED.params
-patch_rows, patch_cols = np.arange(tm) * (bm // tm), np.arange(tn) * (bn // tn)  # thread (0, 0)'s outputs
-axes[1].scatter(*np.meshgrid(patch_cols, patch_rows), color="black", s=12)
-show(fig, "06_gemm_blocks.png")
-assert owner(NAIVE, M, N).max() + 1 == 2 * M and owner(GEMV, M, N).max() + 1 == 2 * 3
+one_thread = written(TILED, (1, 1), M, N, threads=(1, 1))  # block (0, 0) with its thread (0, 0) only
+patch = np.zeros((M, N), bool)
+patch[np.ix_(np.arange(tm) * (bm // tm), np.arange(tn) * (bn // tn))] = True  # rows ty + i BM/TM, columns tx + j BN/TN
+assert np.array_equal(one_thread, patch), "thread (0, 0) writes a strided TM x TN patch"
+axes[0, 1].scatter(*np.nonzero(one_thread)[::-1], color="black", s=14)
+fig.suptitle(f"which block writes each output of a {M} x {N} GEMM (dots: thread (0, 0) of the tiled kernel)")
+show(fig, "09_gemm_blocks.png")
 
 # %% [markdown]
-# Now run them, with two more tile shapes (the default 32 x 32 tile, and one
-# thread per row in the GEMV), on M = 12, K = 48, N = 40: shapes that leave
-# partial tiles at the edges. Each output array starts full of NaN, so an
-# element a kernel forgot to write would show. Each result is checked
-# against NumPy in float64, and all five against each other, **bitwise**.
+# Now run all five on M = 12, K = 24, N = 40: shapes that leave partial
+# tiles and chunks at the edges. Each output array starts full of NaN, so an element a
+# kernel forgot to write would show. Each result is checked against NumPy
+# in float64, and all five against each other, **bitwise**.
 
 # %%
 rng = np.random.default_rng(0)
-K = 48
+M, K = 12, 24
 x = rng.standard_normal((M, K), dtype=np.float32)
 w = rng.standard_normal((K, N), dtype=np.float32)
 b = rng.standard_normal(N, dtype=np.float32)
 
 
-def gemm(variant: Variant, x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+def run_gemm(variant: Variant, x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     """x [M, K] @ w [K, N] + b [N] with one variant, on the device; -> [M, N] on the host."""
     out = cuda.to_device(np.full((x.shape[0], w.shape[1]), np.nan, np.float32))  # poisoned
     launch(variant, cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), out)
@@ -218,10 +331,9 @@ def gemm(variant: Variant, x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.nd
 
 
 exact = x.astype(np.float64) @ w + b  # [M, N]
-results = {str(v): gemm(v, x, w, b) for v in (NAIVE, TILED, Variant("tiled", (32, 32, 16, 4, 4)), GEMV,
-                                              Variant("gemv", (64, 1)))}  # fmt: skip
+results = {str(v): run_gemm(v, x, w, b) for v in (NAIVE, TILED, GEMV, STAGED, PREFETCH)}
 for name, got in results.items():
-    print(f"{name:22s} max |error| vs float64 {np.abs(got - exact).max():.1e}, "
+    print(f"{name:18s} max |error| vs float64 {np.abs(got - exact).max():.1e}, "
           f"bitwise equal to naive: {np.array_equal(got, results[str(NAIVE)])}")  # fmt: skip
     assert not np.isnan(got).any(), f"{name} left an output unwritten"
     assert np.allclose(got, exact, rtol=1e-5, atol=1e-5), name
@@ -231,8 +343,8 @@ print(f"NumPy float32 (BLAS): {np.count_nonzero(blas != results[str(NAIVE)])} of
 
 # %% [markdown]
 # Why bitwise equal, when lesson 8 showed that summing in another order
-# changes the last bits? Because the three versions differ in *who* computes
-# an element and *where the inputs wait* (main memory, shared memory,
+# changes the last bits? Because the five versions differ in *who* computes
+# an element and *where the inputs wait* (global memory, shared memory,
 # registers), never in the order of the sum. Every output element is summed
 # by one thread, over k ascending, with one fused multiply-add per k
 # (`cuda.fma`), and the bias comes last. No version splits K between threads
@@ -240,25 +352,19 @@ print(f"NumPy float32 (BLAS): {np.count_nonzero(blas != results[str(NAIVE)])} of
 # version uses it, so they agree on either.)
 #
 # The price: a launch has only N x ceil(M / ROWS) threads with work, each
-# walking all of K. A big GPU with a narrow layer at batch 1 has too few
-# threads to keep busy; splitting K would fix that and break the rule.
+# walking all of K, one dependent FMA after another. A big GPU with a
+# narrow layer at batch 1 has few threads to keep busy; splitting K would
+# fix that and break the rule.
 #
 # ## Dispatch: which GEMM a shape gets
 #
 # Since every variant gives the same bits, choosing one is about speed only.
 # `numba_kernels.dispatch.Dispatch(table)` picks one per shape (M, N, K) and
 # `dispatch.gemm(x, w, b, out)` runs it. Without a table entry for the shape,
-# `default_variant(m, n, k)` decides:
-#
-# - M <= 8: `staged` (`gemm_staged.py`), a GEMV for decode steps whose
-#   block first loads a strip of weight columns into shared memory with all
-#   its threads, then has one thread per output sum it;
-# - 8 < M <= 64: `tiled` with 32 x 32 tiles, BK = 16, 4 x 4 outputs per
-#   thread (big batches);
-# - M > 64: `prefetch` (`gemm_prefetch.py`), padded tiles, 8 x 8 outputs a
-#   thread and the next tile prefetched into registers (prefills).
-#
-# Here for GPT-2 124M's attention input projection, K = 768 -> N = 2304:
+# `default_variant(m, n, k)` decides: M <= 8, `staged` (decode steps); up to
+# 64, `tiled` with 32 x 32 tiles (big batches); above, `prefetch`
+# (prefills). Here for GPT-2 124M's attention input projection, K = 768 ->
+# N = 2304:
 
 # %%
 from numba_kernels.dispatch import Dispatch, default_variant, load_table
@@ -280,19 +386,19 @@ assert [default_variant(m, 2304, 768).kernel for m in (3, 9, 65)] == ["staged", 
 
 # %%
 print(f"tuned entries for {device_name()!r} in tuning.json: {len(load_table())}")
-table = {"4x40x48": TILED, "16x40x48": NAIVE}
+table = {f"4x{N}x{K}": TILED, f"16x{N}x{K}": NAIVE}
 dispatch = Dispatch(table)
 for m in (1, 2, 4, 6, 12, 16, 20):
-    print(f"M = {m:2d}, N = 40, K = 48: {dispatch.choose(m, 40, 48)}")
-assert dispatch.choose(4, 40, 48) == TILED, "an exact entry"
-assert dispatch.choose(6, 40, 48) == TILED and dispatch.choose(20, 40, 48) == NAIVE, "the largest tuned M below"
-assert dispatch.choose(2, 40, 48) == default_variant(2, 40, 48), "nothing tuned at or below M = 2"
-assert dispatch.choose(4, 64, 48) == default_variant(4, 64, 48), "another (N, K): the rule"
+    print(f"M = {m:2d}, N = {N}, K = {K}: {dispatch.choose(m, N, K)}")
+assert dispatch.choose(4, N, K) == TILED, "an exact entry"
+assert dispatch.choose(6, N, K) == TILED and dispatch.choose(20, N, K) == NAIVE, "the largest tuned M below"
+assert dispatch.choose(2, N, K) == default_variant(2, N, K), "nothing tuned at or below M = 2"
+assert dispatch.choose(4, 64, K) == default_variant(4, 64, K), "another (N, K): the rule"
 
 # %% [markdown]
 # This is batch invariance once more: a request's row goes through whatever
-# variant the batch size selects (GEMV alone, tiles in a batch of 12), and
-# gets the same bits.
+# variant the batch size selects (the staged GEMV alone, tiles in a batch
+# of 12), and gets the same bits.
 
 # %%
 for m in (1, 2, 6, 12):
@@ -302,7 +408,7 @@ for m in (1, 2, 6, 12):
 print("rows 0..m-1 bitwise the same at M = 1, 2, 6, 12, whichever variant ran")
 
 # %% [markdown]
-# ## Decode attention over the KV slots
+# ## Decode attention over the KV slots, version 1
 #
 # `numba_kernels.attention.attention(qkv, k_cache, v_cache, slots, lengths,
 # out)` is one layer's attention for a decode step of B requests. The cache
@@ -320,12 +426,17 @@ print("rows 0..m-1 bitwise the same at M = 1, 2, 6, 12, whichever variant ran")
 # (`numba_kernels/reduce.py`), then weights V. Its size T depends on n_ctx
 # only, never on the batch. The scores of one query live in shared memory,
 # n_ctx floats, given at launch.
-#
+
+# %%
+from numba_kernels import attention as attention_v1
+
+print(inspect.getsource(attention_v1.attention_kernel.py_func))
+
+# %% [markdown]
 # To show that a request reads only its own length, poison every position
 # past it with NaN: any NaN read would spread to the output.
 
 # %%
-from numba_kernels.attention import attention
 from reference import invariant
 
 n_slots, H, n_ctx, D = 4, 2, 24, 8
@@ -340,17 +451,17 @@ qkv = rng.standard_normal((len(slots), 3 * C), dtype=np.float32)  # [B, 3C]
 
 
 def decode_attention(qkv: np.ndarray, slots: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The attention kernel on the device; -> [B, C] on the host."""
+    """Version 1 on the device; -> [B, C] on the host."""
     out = cuda.to_device(np.full((len(slots), C), np.nan, np.float32))
-    attention(cuda.to_device(qkv), cuda.to_device(k_cache), cuda.to_device(v_cache),
-              cuda.to_device(slots.astype(np.int32)), cuda.to_device(lengths.astype(np.int32)), out)  # fmt: skip
+    attention_v1.attention(cuda.to_device(qkv), cuda.to_device(k_cache), cuda.to_device(v_cache),
+                           cuda.to_device(slots.astype(np.int32)), cuda.to_device(lengths.astype(np.int32)), out)  # fmt: skip
     return out.copy_to_host()
 
 
 out = decode_attention(qkv, slots, lengths)  # [3, C]
 q = np.ascontiguousarray(qkv[:, :C].reshape(len(slots), H, D))  # [B, H, D]
 cpu = invariant.decode_attention(q, k_cache, v_cache, slots, lengths).reshape(len(slots), C)  # lesson 8's kernel
-print(f"NaN in the output: {np.isnan(out).any()}; max |GPU - CPU| {np.abs(out - cpu).max():.1e}")
+print(f"NaN in the output: {np.isnan(out).any()}; max |GPU kernel - CPU| {np.abs(out - cpu).max():.1e}")
 assert not np.isnan(out).any(), "no request read past its own length"
 assert np.allclose(out, cpu, rtol=1e-5, atol=1e-5)
 for r in range(len(slots)):
@@ -361,11 +472,73 @@ print("each request's attention is bitwise the same alone and in the batch")
 # %% [markdown]
 # The same file holds `store_kv`, which writes each new token's k and v into
 # its slot at its position and records the slot's length, and
-# `prefill_attention`: query i of a prompt is a decode query over length
-# i + 1, so the causal mask of lesson 1 comes for free, and a prompt
-# prefilled at once gives bitwise the rows it would give fed one token at a
-# time.
+# `prefill_attention(qkv, k_cache, v_cache, slot, out)`, the causal
+# attention of a prompt already stored in one slot: query i of the prompt is
+# a decode query over length i + 1, so the causal mask of lesson 1 comes for
+# free, and each prompt row gets the bits it would get decoded alone, one
+# token at a time. Slot 0 holds 17 positions; take its first 6 as a prompt:
+
+# %%
+prompt_qkv = rng.standard_normal((6, 3 * C), dtype=np.float32)  # [T, 3C]: 6 prompt rows in slot 0
+prefill = cuda.to_device(np.full((6, C), np.nan, np.float32))
+attention_v1.prefill_attention(cuda.to_device(prompt_qkv), cuda.to_device(k_cache), cuda.to_device(v_cache), 0, prefill)
+prefill = prefill.copy_to_host()
+for i in range(6):
+    one_token = decode_attention(prompt_qkv[i : i + 1], np.array([0]), np.array([i + 1]))
+    assert np.array_equal(one_token[0], prefill[i]), f"prompt row {i} differs from its decode"
+print("prefill_attention: each of 6 prompt rows bitwise equal to decoding its token alone")
+
+# %% [markdown]
+# ## Decode attention, version 2: chunks of positions
 #
+# Version 1 gives a request at batch 1 only H blocks (12 on GPT-2 124M, on
+# a GPU of 132 multiprocessors). Version 2 (`attention_chunked.py`, the one
+# `NumbaBackend` runs) cuts each query's positions into fixed chunks of 64
+# (for head_dim <= 64): one block per (request, head, chunk) scores its chunk
+# and writes the chunk's partial result (its weighted V, maximum and sum of
+# exponentials), and a second kernel combines the chunks in chunk order.
+# The chunks are fixed positions 0..63, 64..127, ..., so the order of every
+# sum is still a function of the request's own length. Its two kernels:
+
+# %%
+from numba_kernels import attention_chunked as attention_v2
+
+print(inspect.getsource(attention_v2.chunk_kernel))
+print(inspect.getsource(attention_v2.combine_kernel))
+
+# %% [markdown]
+# A context of 80 positions, so that a request can span two chunks: the
+# three requests again (one now of 70 positions) against lesson 8's kernel,
+# then four rows of a prompt chunk at positions 62 to 65, across the chunk
+# boundary at 64, in one launch, each against its decode alone.
+
+# %%
+n_ctx2 = 80
+k_cache2 = rng.standard_normal((n_slots, H, n_ctx2, D), dtype=np.float32)
+v_cache2 = rng.standard_normal((n_slots, H, n_ctx2, D), dtype=np.float32)
+
+
+def chunked_attention(qkv: np.ndarray, slots: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Version 2 on the device; -> [B, C] on the host."""
+    out = cuda.device_array((len(slots), C), np.float32)
+    attention_v2.attention(cuda.to_device(qkv), cuda.to_device(k_cache2), cuda.to_device(v_cache2),
+                           cuda.to_device(slots.astype(np.int32)), cuda.to_device(lengths.astype(np.int32)), out)  # fmt: skip
+    return out.copy_to_host()
+
+
+lengths2 = np.array([5, 70, 9])
+out2 = chunked_attention(qkv, slots, lengths2)  # [3, C]
+cpu2 = invariant.decode_attention(q, k_cache2, v_cache2, slots, lengths2).reshape(len(slots), C)
+print(f"version 2: max |GPU kernel - CPU| {np.abs(out2 - cpu2).max():.1e}")
+assert np.allclose(out2, cpu2, rtol=1e-5, atol=1e-5)
+
+chunk_rows = chunked_attention(prompt_qkv[:4], np.zeros(4, np.int32), np.arange(63, 67))  # positions 62..65 of slot 0
+for i in range(4):
+    alone = chunked_attention(prompt_qkv[i : i + 1], np.array([0]), np.array([63 + i]))
+    assert np.array_equal(alone[0], chunk_rows[i]), f"prompt row at position {62 + i} differs from its decode"
+print("version 2: 4 prompt rows across a chunk boundary, bitwise equal to decoding each alone")
+
+# %% [markdown]
 # ## The memory shuffle in one launch
 #
 # Lesson 5's shuffle plan moves requests into holes. On the device,
@@ -413,35 +586,35 @@ for s, d in plan:
 # `numba_kernels.NumbaBackend(config, weights, n_slots)` puts it together. It
 # implements lesson 2's `Backend` protocol, `step(lanes)` and `move`, and
 # gets `prefill` and `decode` from `LaneBackend` as lanes, so the engine of
-# lessons 4 and 5 runs on it (`flover bench --backend numba`). It uploads the
-# weights once and keeps the KV memory on the device, in Flover's slots (one
-# block of n_ctx positions per request; it refuses paged blocks). A step, any
-# mix of prompt chunks and decode tokens, runs from the embedding to the
-# logits with the kernels above (plus layer norm, GELU and the residual add
-# in `numba_kernels/elementwise.py`, each one row at a time), its GEMMs
-# chosen by a `Dispatch`, and only the logits of each lane's last token come
-# back.
+# lessons 4 and 5 runs on it. It uploads the weights once and keeps the KV
+# memory on the device, in Flover's slots (one block of n_ctx positions per
+# request; it refuses paged blocks). A step, any mix of prompt chunks and
+# decode tokens, runs from the embedding to the logits with the kernels
+# above (plus layer norm and the embedding in `numba_kernels/elementwise.py`,
+# each one row at a time), its GEMMs chosen by a `Dispatch`, and only the
+# logits of each lane's last token come back.
 #
 # The simulator is slow (a Python thread per GPU thread), so we build a
 # small model by hand: a `GPTConfig` (lesson 1) of 1 layer, 2 heads,
-# n_embd 32, 64 tokens and a context of 32, with random weights from
+# n_embd 16, 32 tokens and a context of 16, with random weights from
 # `reference.init_weights(config, seed, std)`, GPT-2's initialisation with
 # a chosen standard deviation. A larger `std` than GPT-2's 0.02 gives sharper
 # predictions, so different requests get visibly different tokens.
 
 # %%
 from numba_kernels import NumbaBackend
-from reference import NumpyBackend, generate, init_weights
+from reference import Lane, NumpyBackend, init_weights
 
-config = GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_ctx=32)
+config = GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_ctx=16)
 weights = init_weights(config, seed=1, std=0.3)
 gpu = NumbaBackend(config, weights, n_slots=3)
 cpu = NumpyBackend(config, weights, n_slots=3)
-prompts = {0: [5, 17, 63, 0, 42], 1: [9, 9, 2], 2: [33, 1, 60, 5, 8, 21, 7]}
-prefilled = {}  # slot -> the logits of its prompt's last position, on the device
-for slot, prompt in prompts.items():
-    prefilled[slot], on_cpu = gpu.prefill(slot, np.array(prompt)), cpu.prefill(slot, np.array(prompt))
-    assert np.allclose(prefilled[slot], on_cpu, rtol=1e-4, atol=1e-4), f"slot {slot}: the same model, to rounding"
+prompts = {0: [5, 17, 30], 1: [9, 2], 2: [23, 1, 20, 4]}  # slot -> prompt
+lanes = [Lane.of([slot], prompt, 0) for slot, prompt in prompts.items()]  # three prefills in one step
+prefilled = gpu.step(lanes)  # [3, V]: each prompt's last position, on the device
+print(f"one step of {sum(len(p) for p in prompts.values())} rows in 3 lanes; "
+      f"max |Numba - NumPy| {np.abs(prefilled - cpu.step(lanes)).max():.1e}")  # fmt: skip
+assert np.allclose(prefilled, cpu.step(lanes), rtol=1e-4, atol=1e-4), "the same model, to rounding"
 
 # %% [markdown]
 # One fused decode step over all three slots, in a mixed order, and then each
@@ -452,7 +625,7 @@ for slot, prompt in prompts.items():
 
 # %%
 slots = np.array([2, 0, 1])
-tokens = np.array([11, 3, 40])
+tokens = np.array([11, 3, 30])
 positions = np.array([len(prompts[s]) for s in slots])
 fused = gpu.decode(slots, tokens, positions)  # [3, V]
 for r in range(len(slots)):
@@ -460,41 +633,182 @@ for r in range(len(slots)):
     assert np.array_equal(solo[0], fused[r]), f"row {r} (slot {slots[r]}) changed in the fused step"
 numpy_logits = cpu.decode(slots, tokens, positions)
 print(f"fused rows == solo decodes, bitwise; max |Numba - NumPy| {np.abs(fused - numpy_logits).max():.1e}")
+print(f"next tokens: {fused.argmax(axis=-1).tolist()} (Numba), {numpy_logits.argmax(axis=-1).tolist()} (NumPy), on {RUNS_ON}")
 assert np.allclose(fused, numpy_logits, rtol=1e-4, atol=1e-4)
 assert np.array_equal(fused.argmax(axis=-1), numpy_logits.argmax(axis=-1))
 
-on_gpu = list(generate(gpu, prompts[0], 6))
-assert on_gpu == list(generate(cpu, prompts[0], 6)), "greedy tokens equal the NumPy backend's"
-print(f"greedy tokens after {prompts[0]}: {on_gpu}, on {RUNS_ON}")
-
 # %% [markdown]
-# And lesson 2's other promise, on the device: a prompt prefilled in one
-# lane (slot 1's, above) gives bitwise the last logits of the same prompt
-# fed one token per step, since each row is computed from its own token,
-# position and cached keys and values alone.
+# And lesson 2's other promise, on the device: slot 1's prompt, prefilled
+# above in one step beside two other prompts, gives bitwise the last logits
+# of the same prompt fed alone, one token per step, since each row is
+# computed from its own token, position and cached keys and values alone.
 
 # %%
-from reference import Lane
-
 for i, token in enumerate(prompts[1]):
-    one_by_one = gpu.step([Lane.of([0], [token], i)])[0]  # 3 steps of 1 lane of 1 token, into slot 0
+    one_by_one = gpu.step([Lane.of([0], [token], i)])[0]  # steps of 1 lane of 1 token, into slot 0
 assert np.array_equal(prefilled[1], one_by_one)
-print("a prompt at once == one token at a time, bitwise, on", RUNS_ON)
+print("a prompt in a shared step == the prompt alone, one token at a time, bitwise, on", RUNS_ON)
+
+# %% [markdown]
+# ## What the compiler makes of them
+#
+# On a GPU, `@cuda.jit` hands a kernel to NVVM, NVIDIA's compiler, which
+# writes **PTX**, a portable assembly language; `ptxas` then assembles the
+# PTX into machine code for one architecture (`sm_90` is the H100's). Both
+# run without a GPU, and `ptxas -v` says what each kernel needs:
+#
+# - **registers** a thread. An SM's 65,536 registers are shared by the
+#   threads it runs, so more registers a thread means fewer threads at once;
+#   a kernel that needs more than it gets **spills** values to slow local
+#   memory (spill bytes: should be 0);
+# - **shared memory** a block (smem), which limits blocks per SM the same
+#   way;
+# - **occupancy**: the warps an SM can hold at once for this kernel, out of
+#   64. More resident warps keep more reads in flight;
+# - the counts of `fma.rn.f32` instructions (every GEMM and attention sum is
+#   a chain of FMAs) and of `f64` ones (a stray Python float would make the
+#   arithmetic double precision: should be 0).
+#
+# `numba_kernels.inspect` does this for every kernel of the package
+# (`python -m numba_kernels.inspect`, a minute or so); here its
+# `inspect_kernel` runs on four: versions 3 and 4 of the GEMM and versions 1
+# and 2 of attention, each at the signature and block size `NumbaBackend`
+# launches it with for GPT-2 124M (the list is `numba_kernels.catalog`). It
+# needs NVIDIA's compiler, the packages `nvidia-nvvm` and `nvidia-cuda-nvcc`
+# of flover's `cuda` extra, and runs in a second process, since the
+# simulator has no compiler.
+
+# %%
+import json
+from importlib.metadata import PackageNotFoundError, version
+
+from numba_kernels.catalog import kernels
+from reference.config import preset
+
+INSPECT = """
+import json, sys
+from dataclasses import asdict
+from numba_kernels.catalog import kernels
+from numba_kernels.inspect import inspect_kernel
+from reference.config import preset
+print(json.dumps([asdict(inspect_kernel(k, "sm_90", preset("gpt2"))) for k in kernels() if k.name in sys.argv[1:]]))
+"""
+CHOSEN = ["gemm gemv 64x1", "gemm staged 128x8x1x512", "decode attention", "attention chunks"]
+
+
+def installed(package: str) -> bool:
+    try:
+        version(package)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+missing = [p for p in ("nvidia-nvvm", "nvidia-cuda-nvcc") if not installed(p)]
+static = {}
+if missing:
+    print(f"skipped: {', '.join(missing)} not installed (pip install 'flover[cuda]'), so nothing can be compiled here")
+else:
+    done = subprocess.run([sys.executable, "-c", INSPECT, *CHOSEN], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    static = {row["kernel"]: row for row in json.loads(done.stdout)}
+    print(f"{'kernel (sm_90)':24s} {'source':24s} threads registers spill B  smem B occupancy fma.rn.f32 f64")
+    for name, r in static.items():
+        print(f"{name:24s} {r['source']:24s} {r['threads']:7d} {r['registers']:9d} {r['spill_bytes']:7d} "
+              f"{r['shared_bytes']:7d} {r['occupancy']:9.0%} {r['fma_f32']:10d} {r['f64']:3d}")  # fmt: skip
+        assert r["spill_bytes"] == 0 and r["f64"] == 0, f"{name}: spills or double precision"
+        assert r["fma_f32"] > 0, f"{name} sums without fma"
+    assert set(static) == set(CHOSEN)
+
+# %% [markdown]
+# ## What a roofline model expects on an H100
+#
+# Lesson 3's roofline gives a launch at least its bytes over the bandwidth
+# and its FLOPs over the peak. `numba_kernels.roofline.estimate` adds two
+# limits that these kernels meet. The bandwidth a launch can draw is at most
+# the bytes it has in flight over the memory's latency (Little's law): a
+# few blocks, each waiting on a few loads, draw a sliver of it (bound
+# "latency"). And a **chain**: each output is one thread's K dependent FMAs,
+# each waiting about 4 cycles for the one before, which no tiling removes
+# (batch invariance forbids splitting K). It takes the longest limit, plus
+# one memory latency. The occupancy just compiled says how many blocks an
+# SM holds. These are **estimates** from a model, with assumed latencies,
+# not measurements:
+
+# %%
+from numba_kernels import roofline
+
+print(inspect.getsource(roofline.estimate))
+if static:
+    gpt2 = preset("gpt2")
+    print(f"estimated for an {roofline.H100.name}, GPT-2 124M, batch 1, 1024 positions:")
+    print(f"{'kernel':24s} {'launch':24s} {'blocks':>6s} {'KB in flight':>12s} {'estimate us':>11s} {'bound':>8s} "
+          f"{'roofline us':>11s}")  # fmt: skip
+    estimated = {}
+    for kernel in (k for k in kernels() if k.name in static):
+        label, work = kernel.launches(gpt2, 1, 1024)[0]  # the GEMMs' first launch is c_attn
+        est = roofline.estimate(work, static[kernel.name]["blocks_per_sm"])
+        estimated[kernel.name] = est.us
+        print(f"{kernel.name:24s} {label:24s} {work.blocks:6d} {work.inflight / 1e3:12.1f} {est.us:11.1f} "
+              f"{est.bound:>8s} {roofline.ideal_us(work):11.1f}")  # fmt: skip
+    assert estimated["gemm staged 128x8x1x512"] < estimated["gemm gemv 64x1"] / 4, "version 4 keeps bytes in flight"
+    assert estimated["attention chunks"] < estimated["decode attention"] / 4, "chunks give a query many blocks"
+
+# %% [markdown]
+# In the model, the old GEMV (version 3) at batch 1 keeps about 1 KB in
+# flight per block in a few dozen blocks and waits on latency; the staged
+# version 4 keeps 18 KB in each of 288 blocks and reaches the bandwidth.
+# Version 2 of attention does the same for attention. Whether a real H100
+# agrees is for a GPU to say.
+#
+# ## Timing on a GPU
+#
+# Only a GPU can time a GPU kernel. `numba_kernels.timing.gpu_time_ms`
+# queues a kernel that holds the GPU, then the launches behind it, and
+# times them with events on the GPU, so that Python's cost of launching
+# (tens of microseconds) is not counted. Under the simulator nothing is
+# timed: its kernels are Python threads on the CPU, and their time says
+# nothing about a GPU.
+
+# %%
+if simulated():
+    print("no timing: the kernels ran under the CUDA simulator, on the CPU")
+else:
+    from numba_kernels.timing import gpu_time_ms
+
+    timed = {}
+    for m in (1, 512):  # a decode step of one request; a prompt of 512 tokens
+        xd = cuda.to_device(rng.standard_normal((m, 768), dtype=np.float32))
+        wd = cuda.to_device(rng.standard_normal((768, 2304), dtype=np.float32))
+        bd = cuda.to_device(np.zeros(2304, np.float32))
+        od = cuda.device_array((m, 2304), np.float32)
+        for variant in (Variant("naive", (128,)), Variant("gemv", (64, 1)), default_variant(m, 2304, 768)):
+            timed[m, variant.kernel] = 1e3 * gpu_time_ms(launch, variant, xd, wd, bd, od)
+            print(f"{device_name()}, M = {m:3d}, 768 -> 2304: {variant!s:22s} {timed[m, variant.kernel]:8.1f} us")
+    assert timed[512, "naive"] > 2 * timed[512, "prefetch"], "at M = 512 tiles reuse each weight across rows"
 
 # %% [markdown]
 # ## What we have
 #
 # - A kernel runs as a grid of blocks of threads; every thread finds its
-#   piece of the data from its block and thread indices.
-# - The naive, tiled and GEMV GEMMs move data differently but sum every
+#   piece of the data from its block and thread indices, and launching part
+#   of a grid shows which block writes what.
+# - Five GEMMs (naive, tiled, GEMV, staged, prefetch) move data differently
+#   (global memory, shared memory, registers, reads in flight) but sum every
 #   output element in one thread, over k ascending. So they are bitwise
-#   equal, dispatch (the default rule, or a tuning table) decides speed
-#   only, and a row gets the same bits whatever its batch.
-# - Decode attention gives each (request, head) its own block and reads only
-#   the request's own length; the shuffle moves slots in one launch.
+#   equal, dispatch decides speed only, and a row gets the same bits
+#   whatever its batch.
+# - Decode attention gives each request its own blocks and reads only its
+#   own length; version 2 cuts positions into fixed chunks, and prompt rows
+#   equal their decodes bit for bit in both. The shuffle moves slots in one
+#   launch.
 # - `NumbaBackend` is a backend like the others: a fused step's rows equal
 #   solo decodes bit for bit, and a prompt at once equals it fed token by
 #   token, on a GPU as under the simulator.
+# - Compiled for an H100 without one, the kernels use no spills and no
+#   double precision, and a roofline model estimates what each launch can
+#   reach; only a GPU can measure it.
 # - `tests/test_numba_*.py` check all of this on random shapes, and
 #   `numba_kernels/README.md` says how to tune and benchmark on a GPU.
 #
