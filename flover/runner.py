@@ -161,7 +161,8 @@ def fits(have: KVShape, need: KVShape) -> bool:
 def run_policy(pc: PolicyConfig, make_backend: BackendFactory, requests: Sequence[Request], clock=None,
                keep_logits: bool = False, on_finish=None, backend: Backend | None = None) -> RunResult:  # fmt: skip
     """Serve ``requests`` under one policy. ``backend`` is reused when its KV memory fits the
-    policy's layout; ``instances`` always makes its own single-slot backends."""
+    policy's layout (else a fresh one is made, and warmed up on the wall clock); ``instances`` always
+    makes its own single-slot backends."""
     config = backend.config if backend is not None else getattr(make_backend, "config", None)
     config = config or make_backend(1).config
     clock = clock or WallClock()
@@ -170,6 +171,8 @@ def run_policy(pc: PolicyConfig, make_backend: BackendFactory, requests: Sequenc
     layout = pc.layout(config)
     if backend is None or not fits(backend.kv, layout.shape):
         backend = make_backend(layout.shape)
+        if isinstance(clock, WallClock):
+            warm_up(backend)  # a fresh backend's first steps compile and page in: not the policy's time
     if isinstance(clock, WallClock):
         clock = WallClock()  # started once the backends exist
     engine = Engine(backend, pc.scheduler(), layout, clock, keep_logits, on_finish)
