@@ -66,16 +66,8 @@ if not gpu_listed():
 # `numba_kernels.device` answers two questions: `simulated()`, whether the
 # simulator is on, and `device_name()`, the GPU's name ("simulator" under
 # the simulator). `require_cuda()` raises `NoCudaError` when there is
-# neither a GPU nor the simulator.
-#
-# The simulator runs each GPU thread (below) as a Python thread, and Python
-# passes the interpreter from one thread to the next every 5 ms by default.
-# At a barrier (below) every thread of a block must get its turn, so each
-# barrier costs milliseconds. Under the simulator we switch every 0.1 ms
-# instead, as flover's tests do (`numba_kernels.simulator.quick_switching`);
-# on a GPU nothing changes. (Importing `numba_kernels` under the simulator
-# also closes a race in it; `numba_kernels/simulator.py` tells the story.)
-# The helpers of lesson 1 follow: `show(fig, name)` for pictures.
+# neither a GPU nor the simulator. The helpers of lesson 1 follow:
+# `show(fig, name)` for pictures.
 
 # %%
 import inspect
@@ -90,8 +82,6 @@ from numba_kernels.device import device_name, require_cuda, simulated
 require_cuda()
 RUNS_ON = "the CUDA simulator (on the CPU)" if simulated() else f"the GPU {device_name()}"
 print("kernels run on", RUNS_ON)
-if simulated():
-    sys.setswitchinterval(1e-4)
 
 # %% [markdown]
 # ## Threads, blocks and grids
@@ -108,7 +98,7 @@ if simulated():
 # a small fast **shared memory** on their SM (up to 228 KB an SM on an H100),
 # and wait for each other at a **barrier** (`cuda.syncthreads()`). The GPU's
 # main memory (lesson 3's HBM) is called **global memory**: large, but each
-# read takes hundreds of cycles to arrive.
+# read takes hundreds of clock cycles to arrive.
 #
 # The blocks of one launch form the **grid**; they run in any order and
 # cannot wait for each other. A thread knows where it stands from
@@ -120,6 +110,14 @@ if simulated():
 # `cuda.to_device(a)` copies a NumPy array to the GPU and `.copy_to_host()`
 # copies it back.
 #
+# The simulator runs each GPU thread as a Python thread, and Python passes
+# the interpreter from one thread to the next every 5 ms by default. At a
+# barrier every thread of a block must get its turn, so each barrier costs
+# milliseconds. Under the simulator we switch every 0.1 ms instead, as
+# flover's tests do (`numba_kernels.simulator.quick_switching`); on a GPU
+# nothing changes. (Importing `numba_kernels` under the simulator also
+# closes a race in it; `numba_kernels/simulator.py` tells the story.)
+#
 # The smallest example: 20 elements, blocks of 8 threads, so 3 blocks (24
 # threads). Each thread computes its global index and records who it is. The
 # last 4 threads fall past the end and must do nothing: every kernel below
@@ -127,6 +125,10 @@ if simulated():
 
 
 # %%
+if simulated():
+    sys.setswitchinterval(1e-4)
+
+
 @cuda.jit
 def whoami(block_of, thread_of):
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x  # this thread's global index
@@ -231,13 +233,14 @@ print(inspect.getsource(gemm_prefetch.prefetch_kernel))
 #
 # `launch` gives each variant its grid and block (the end of
 # `numba_kernels/gemm.py`). To see which block writes which output, we
-# launch a kernel ourselves on *part* of its grid, on an output full of
-# NaN: a launch of the first a columns of blocks writes exactly the
-# outputs of those blocks, so the first launch that writes an output tells
-# the x index of its block, and likewise for y. Blocks never read the grid's
-# size, so a block computes the same outputs in a partial grid as in the
-# full one. The shape is 6 x 40 with K = 4: who computes what does not
-# depend on K.
+# launch a kernel ourselves on *part* of its grid, on an output filled with
+# a poison value: a launch of the first a columns of blocks writes exactly
+# the outputs of those blocks, so the first launch that writes an output
+# tells the x index of its block, and likewise for y. Blocks never read the
+# grid's size, so a block computes the same outputs in a partial grid as in
+# the full one. The shape is 6 x 40 with K = 4 (who computes what does not
+# depend on K); at this size version 5's 128 x 128 tile would be a single
+# block.
 #
 # In the tiled kernel the dots mark the outputs of one thread, thread (0, 0)
 # of the first block: we launch that block with that one thread. Its values
@@ -311,9 +314,9 @@ show(fig, "09_gemm_blocks.png")
 
 # %% [markdown]
 # Now run all five on M = 12, K = 24, N = 40: shapes that leave partial
-# tiles and chunks at the edges. Each output array starts full of NaN, so an element a
-# kernel forgot to write would show. Each result is checked against NumPy
-# in float64, and all five against each other, **bitwise**.
+# tiles and chunks at the edges. Each output array starts full of NaN, so an
+# element a kernel forgot to write would show. Each result is checked
+# against NumPy in float64, and all five against each other, **bitwise**.
 
 # %%
 rng = np.random.default_rng(0)
@@ -351,8 +354,8 @@ print(f"NumPy float32 (BLAS): {np.count_nonzero(blas != results[str(NAIVE)])} of
 # or blocks. (The simulator's `cuda.fma` rounds twice, a GPU's once; every
 # version uses it, so they agree on either.)
 #
-# The price: a launch has only N x ceil(M / ROWS) threads with work, each
-# walking all of K, one dependent FMA after another. A big GPU with a
+# The price: a launch has at most N x M threads summing, each walking all
+# of K, one dependent FMA after another. A big GPU with a
 # narrow layer at batch 1 has few threads to keep busy; splitting K would
 # fix that and break the rule.
 #
@@ -476,17 +479,17 @@ print("each request's attention is bitwise the same alone and in the batch")
 # attention of a prompt already stored in one slot: query i of the prompt is
 # a decode query over length i + 1, so the causal mask of lesson 1 comes for
 # free, and each prompt row gets the bits it would get decoded alone, one
-# token at a time. Slot 0 holds 17 positions; take its first 6 as a prompt:
+# token at a time. Slot 0 holds 17 positions; take its first 4 as a prompt:
 
 # %%
-prompt_qkv = rng.standard_normal((6, 3 * C), dtype=np.float32)  # [T, 3C]: 6 prompt rows in slot 0
-prefill = cuda.to_device(np.full((6, C), np.nan, np.float32))
+prompt_qkv = rng.standard_normal((4, 3 * C), dtype=np.float32)  # [T, 3C]: 4 prompt rows in slot 0
+prefill = cuda.to_device(np.full((4, C), np.nan, np.float32))
 attention_v1.prefill_attention(cuda.to_device(prompt_qkv), cuda.to_device(k_cache), cuda.to_device(v_cache), 0, prefill)
 prefill = prefill.copy_to_host()
-for i in range(6):
+for i in range(4):
     one_token = decode_attention(prompt_qkv[i : i + 1], np.array([0]), np.array([i + 1]))
     assert np.array_equal(one_token[0], prefill[i]), f"prompt row {i} differs from its decode"
-print("prefill_attention: each of 6 prompt rows bitwise equal to decoding its token alone")
+print("prefill_attention: each of 4 prompt rows bitwise equal to decoding its token alone")
 
 # %% [markdown]
 # ## Decode attention, version 2: chunks of positions
@@ -509,7 +512,7 @@ print(inspect.getsource(attention_v2.combine_kernel))
 # %% [markdown]
 # A context of 80 positions, so that a request can span two chunks: the
 # three requests again (one now of 70 positions) against lesson 8's kernel,
-# then four rows of a prompt chunk at positions 62 to 65, across the chunk
+# then three rows of a prompt chunk at positions 62 to 64, across the chunk
 # boundary at 64, in one launch, each against its decode alone.
 
 # %%
@@ -532,11 +535,11 @@ cpu2 = invariant.decode_attention(q, k_cache2, v_cache2, slots, lengths2).reshap
 print(f"version 2: max |GPU kernel - CPU| {np.abs(out2 - cpu2).max():.1e}")
 assert np.allclose(out2, cpu2, rtol=1e-5, atol=1e-5)
 
-chunk_rows = chunked_attention(prompt_qkv[:4], np.zeros(4, np.int32), np.arange(63, 67))  # positions 62..65 of slot 0
-for i in range(4):
+chunk_rows = chunked_attention(prompt_qkv[:3], np.zeros(3, np.int32), np.arange(63, 66))  # positions 62..64 of slot 0
+for i in range(3):
     alone = chunked_attention(prompt_qkv[i : i + 1], np.array([0]), np.array([63 + i]))
     assert np.array_equal(alone[0], chunk_rows[i]), f"prompt row at position {62 + i} differs from its decode"
-print("version 2: 4 prompt rows across a chunk boundary, bitwise equal to decoding each alone")
+print("version 2: 3 prompt rows across a chunk boundary, bitwise equal to decoding each alone")
 
 # %% [markdown]
 # ## The memory shuffle in one launch
@@ -671,9 +674,9 @@ print("a prompt in a shared step == the prompt alone, one token at a time, bitwi
 #
 # `numba_kernels.inspect` does this for every kernel of the package
 # (`python -m numba_kernels.inspect`, a minute or so); here its
-# `inspect_kernel` runs on four: versions 3 and 4 of the GEMM and versions 1
-# and 2 of attention, each at the signature and block size `NumbaBackend`
-# launches it with for GPT-2 124M (the list is `numba_kernels.catalog`). It
+# `inspect_kernel` runs on three GEMMs: versions 2, 3 and 4, each at the
+# signature and block size `NumbaBackend` launches it with for GPT-2 124M
+# (the list is `numba_kernels.catalog`). It
 # needs NVIDIA's compiler, the packages `nvidia-nvvm` and `nvidia-cuda-nvcc`
 # of flover's `cuda` extra, and runs in a second process, since the
 # simulator has no compiler.
@@ -693,7 +696,7 @@ from numba_kernels.inspect import inspect_kernel
 from reference.config import preset
 print(json.dumps([asdict(inspect_kernel(k, "sm_90", preset("gpt2"))) for k in kernels() if k.name in sys.argv[1:]]))
 """
-CHOSEN = ["gemm gemv 64x1", "gemm staged 128x8x1x512", "decode attention", "attention chunks"]
+CHOSEN = ["gemm tiled 32x32x16x4x4", "gemm gemv 64x1", "gemm staged 128x8x1x512"]
 
 
 def installed(package: str) -> bool:
@@ -733,7 +736,8 @@ else:
 # each waiting about 4 cycles for the one before, which no tiling removes
 # (batch invariance forbids splitting K). It takes the longest limit, plus
 # one memory latency. The occupancy just compiled says how many blocks an
-# SM holds. These are **estimates** from a model, with assumed latencies,
+# SM holds; the last column is lesson 3's plain roofline, bytes at full
+# bandwidth. These are **estimates** from a model, with assumed latencies,
 # not measurements:
 
 # %%
@@ -742,24 +746,26 @@ from numba_kernels import roofline
 print(inspect.getsource(roofline.estimate))
 if static:
     gpt2 = preset("gpt2")
-    print(f"estimated for an {roofline.H100.name}, GPT-2 124M, batch 1, 1024 positions:")
-    print(f"{'kernel':24s} {'launch':24s} {'blocks':>6s} {'KB in flight':>12s} {'estimate us':>11s} {'bound':>8s} "
-          f"{'roofline us':>11s}")  # fmt: skip
+    print(f"estimated for an {roofline.H100.name}, GPT-2 124M, batch 1:")
+    print(f"{'kernel':24s} {'launch':24s} {'blocks':>6s} {'KB a block in flight':>20s} {'estimate us':>11s} "
+          f"{'bound':>8s} {'roofline us':>11s}")  # fmt: skip
     estimated = {}
     for kernel in (k for k in kernels() if k.name in static):
-        label, work = kernel.launches(gpt2, 1, 1024)[0]  # the GEMMs' first launch is c_attn
+        label, work = kernel.launches(gpt2, 1, 1024)[0]  # the first launch is c_attn (1024: the context, unused)
         est = roofline.estimate(work, static[kernel.name]["blocks_per_sm"])
         estimated[kernel.name] = est.us
-        print(f"{kernel.name:24s} {label:24s} {work.blocks:6d} {work.inflight / 1e3:12.1f} {est.us:11.1f} "
+        print(f"{kernel.name:24s} {label:24s} {work.blocks:6d} {work.inflight / 1e3:20.1f} {est.us:11.1f} "
               f"{est.bound:>8s} {roofline.ideal_us(work):11.1f}")  # fmt: skip
     assert estimated["gemm staged 128x8x1x512"] < estimated["gemm gemv 64x1"] / 4, "version 4 keeps bytes in flight"
-    assert estimated["attention chunks"] < estimated["decode attention"] / 4, "chunks give a query many blocks"
+    assert estimated["gemm staged 128x8x1x512"] < estimated["gemm tiled 32x32x16x4x4"], "and beats the tiles at batch 1"
 
 # %% [markdown]
 # In the model, the old GEMV (version 3) at batch 1 keeps about 1 KB in
 # flight per block in a few dozen blocks and waits on latency; the staged
-# version 4 keeps 18 KB in each of 288 blocks and reaches the bandwidth.
-# Version 2 of attention does the same for attention. Whether a real H100
+# version 4 keeps 18 KB in each of 288 blocks and reaches the bandwidth,
+# though its registers and shared memory leave an SM only a quarter of its
+# warps: what counts is the bytes in flight, not the warps. (Version 2 of attention does the same for attention: run
+# `python -m numba_kernels.inspect` for every kernel.) Whether a real H100
 # agrees is for a GPU to say.
 #
 # ## Timing on a GPU
@@ -767,9 +773,13 @@ if static:
 # Only a GPU can time a GPU kernel. `numba_kernels.timing.gpu_time_ms`
 # queues a kernel that holds the GPU, then the launches behind it, and
 # times them with events on the GPU, so that Python's cost of launching
-# (tens of microseconds) is not counted. Under the simulator nothing is
-# timed: its kernels are Python threads on the CPU, and their time says
-# nothing about a GPU.
+# (tens of microseconds) is not counted. On a GPU the cell below times
+# three GEMMs on GPT-2's 768 -> 2304 projection, for one row (a decode step)
+# and for 512 (a prompt), and checks that at 512 rows version 5, which reads
+# each weight once per 128-row tile, beats the naive kernel, which reads it
+# once per row, by at least 2x. Under the simulator nothing is timed: its
+# kernels are Python threads on the CPU, and their time says nothing about
+# a GPU.
 
 # %%
 if simulated():
@@ -806,9 +816,9 @@ else:
 # - `NumbaBackend` is a backend like the others: a fused step's rows equal
 #   solo decodes bit for bit, and a prompt at once equals it fed token by
 #   token, on a GPU as under the simulator.
-# - Compiled for an H100 without one, the kernels use no spills and no
-#   double precision, and a roofline model estimates what each launch can
-#   reach; only a GPU can measure it.
+# - Compiled for an H100 without one, four of the kernels show no spills
+#   and no double precision, and a roofline model estimates what each
+#   launch can reach; only a GPU can measure it.
 # - `tests/test_numba_*.py` check all of this on random shapes, and
 #   `numba_kernels/README.md` says how to tune and benchmark on a GPU.
 #
