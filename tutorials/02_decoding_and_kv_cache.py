@@ -18,7 +18,9 @@
 # *generate* text, a model runs in a loop: score the next token, pick one,
 # append it, repeat. This lesson writes that loop twice, first by
 # recomputing everything at every step and then with a **KV cache**, the
-# memory that temporal fusion is built around. It measures what each costs,
+# memory that *temporal fusion* is built around (the Flover paper's name for
+# running the decode steps of requests that arrived at different times as
+# one batched step; lesson 4 builds it). It measures what each costs,
 # and checks that the cached loop computes the same logits (to rounding) and
 # the same tokens.
 
@@ -117,7 +119,8 @@ print(repr(tokenizer.decode(prompt.tolist()) + tokenizer.decode(no_cache_tokens)
 #   `start + 1`, ... of the request's KV `blocks` (here its one slot), each
 #   writes its keys and values there and attends over positions 0 up to its
 #   own. The step returns the logits of each lane's *last* token.
-# - `move(src, dst, lengths)`: copy KV blocks, for lesson 5's memory shuffle.
+# - `move(src, dst, lengths)`: copy KV blocks, for lesson 5's memory shuffle
+#   (moving a request's cache into a free slot, to keep a batch contiguous).
 #
 # The two classic steps are two shapes of lanes, and every backend has them
 # as thin wrappers over `step` (from `reference.LaneBackend`):
@@ -205,7 +208,8 @@ assert k_cache[:, 0, :, : P + N - 1].any(axis=(0, 1, 3)).all(), "every fed posit
 # `reference.generate(backend, prompt_ids, max_new_tokens)` is this loop as
 # the project writes it. It yields each token as soon as it is made (so a
 # caller can stream them), and it is the **serial** ground truth that every
-# scheduler in this project is tested against.
+# scheduler in this project (the part of a server that decides which
+# requests run in each step) is tested against.
 
 # %%
 from reference import generate

@@ -20,8 +20,9 @@
 # shapes, the bytes a decode step of GPT-2 (124M) moves and the arithmetic it
 # does, checks the count against the project's simulator, and places the step
 # on the **roofline** of two machines: this CPU, measured, and a datacenter
-# GPU, modelled. The answer decides how much any serving policy can gain by
-# batching requests together.
+# GPU, modelled. The answer decides how much any serving *policy* (how a
+# server groups requests into steps: one at a time, in batches, or fused as
+# lesson 4 does) can gain by batching requests together.
 
 # %% [markdown]
 # The helpers of lesson 2: `show(fig, name)` for pictures, and one thread
@@ -373,7 +374,8 @@ show(fig, "03_roofline.png")
 #
 # A decode step of B requests makes B tokens, so the most tokens per second
 # any policy can get from decode steps of B is `B / step(B)`. Against batch
-# 1, batching multiplies throughput by `B x step(1) / step(B)`: nearly B
+# 1, batching multiplies *throughput* (tokens made per second, over all
+# requests) by `B x step(1) / step(B)`: nearly B
 # where a step is memory-bound, much less where it is compute-bound.
 
 # %%
