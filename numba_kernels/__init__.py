@@ -2,10 +2,15 @@
 
 One kernel per file, its versions in the file's header:
 
-- ``gemm``: naive, tiled (shared memory, register blocking) and GEMV; ``dispatch``
+- ``gemm``: v1 naive, v2 tiled (shared memory, register blocking) and v3 GEMV;
+  ``gemm_staged``: v4, a GEMV whose block stages weight strips in shared memory,
+  double-buffered, with fused epilogues (``epilogue``: residual add, GELU, K/V store);
+  ``gemm_prefetch``: v5, padded tiles, 8x8 a thread, register prefetch. ``dispatch``
   picks one per shape from the table ``tune`` writes. All bitwise equal.
-- ``attention``: decode attention over the KV slots, causal prefill, the K/V store.
-- ``elementwise``: embedding, layer norm, GELU, residual add (``reduce``: fixed-order block sums).
+- ``attention``: v1 decode attention over the KV slots, causal prefill, the K/V store;
+  ``attention_chunked``: v2, chunks of positions combined in chunk order.
+- ``elementwise``: embedding, layer norm (v1 and v2), GELU, residual add, row gather
+  (``reduce``: fixed-order block sums and trees).
 - ``shuffle``: the memory shuffle's copy, every pair and layer in one launch.
 - ``backend``: ``NumbaBackend``, the Backend protocol of ``reference/backend.py`` over them;
   ``tp_shard``: ``TPShard``, one tensor-parallel rank's share on its GPU (the inner of ``mpi_tp``).

@@ -56,3 +56,36 @@ def test_readme_lists_every_lesson():
     listed = set(re.findall(r"\b(\d\d_\w+\.py)\b", readme))
     missing = sorted(p.name for p in LESSONS if p.name not in listed)
     assert not missing, f"tutorials/README.md does not list {missing}"
+
+
+def glossary() -> list[tuple[str, int]]:
+    """(term, the lesson that explains it) for each row of the glossary table in tutorials/README.md."""
+    readme = (TUTORIALS / "README.md").read_text()
+    assert "## Glossary" in readme, "tutorials/README.md has no glossary"
+    section = readme.split("## Glossary", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| \*\*(.+?)\*\* \| \[(\d\d)\]\(\d\d_\w+\.py\) \|", section, flags=re.M)
+    return [(term, int(number)) for term, number in rows]
+
+
+def lesson_text(lesson: Path) -> str:
+    """The lesson without its Jupytext header (its metadata mention words like 'kernelspec')."""
+    text = lesson.read_text()
+    return text.split("# %%", 1)[1] if "# %%" in text else text
+
+
+def mentions(text: str, term: str) -> bool:
+    """The term as a word of its own, or its plural."""
+    return re.search(rf"(?<![\w-]){re.escape(term)}(?:s|es)?(?![\w-])", text, flags=re.I) is not None
+
+
+def test_glossary_terms_are_explained_before_any_lesson_uses_them():
+    """The path's rule, checked where a machine can: no lesson uses a glossary term before the one explaining it."""
+    terms = glossary()
+    assert len(terms) >= 20, f"the glossary lists only {len(terms)} terms"
+    by_number = {int(p.name[:2]): p for p in LESSONS}
+    for term, number in terms:
+        assert number in by_number, f"glossary: {term!r} points to lesson {number}, which does not exist"
+        assert mentions(lesson_text(by_number[number]), term), f"glossary: lesson {number} never says {term!r}"
+        first = min(n for n, p in by_number.items() if mentions(lesson_text(p), term))
+        assert first >= number, (f"{by_number[first].name} uses {term!r}, which the glossary says lesson {number} "
+                                 f"explains: explain it where it is first used, or point the glossary there")  # fmt: skip

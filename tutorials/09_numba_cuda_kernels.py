@@ -822,5 +822,5 @@ else:
 # - `tests/test_numba_*.py` check all of this on random shapes, and
 #   `numba_kernels/README.md` says how to tune and benchmark on a GPU.
 #
-# Next, lesson 10 splits one model over several processes: tensor
-# parallelism over MPI.
+# Next, lesson 10 splits one model over several processes, each holding
+# part of every layer.
