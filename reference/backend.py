@@ -117,7 +117,7 @@ class NumpyBackend(LaneBackend):
         self.config = config
         if threads is None and block_weights(config) < ONE_THREAD_BELOW:
             threads = 1
-        self.threads = threads  # Numba threads for this backend's calls from the calling thread; None: all
+        self.threads = threads  # Numba threads for this backend's steps on the calling thread; None: all
         self.weights = weights
         self.invariant = invariant
         self.cache = KVBlocks(config, n_slots)
@@ -128,8 +128,8 @@ class NumpyBackend(LaneBackend):
 
     def step(self, lanes: Sequence[Lane]) -> np.ndarray:
         rows = plan_rows(self.config, self.kv, lanes)
-        if self.threads is not None:  # per calling thread
-            numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        # per calling thread, and every step: another backend may have asked this thread for fewer
+        numba.set_num_threads(min(self.threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
         return model.step(self.step_weights, self.config, self.cache, rows, self.head, self.sops)
 
     def move(self, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray) -> None:
