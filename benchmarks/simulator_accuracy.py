@@ -11,10 +11,11 @@
 3. Every policy ``flover bench --policy all`` runs, on each trace, both
    measured (the NumPy backend, warm and shared, on the wall clock; the
    instances in processes, each on its share of the cores; ``--repeats``
-   runs taking turns, the fastest kept, as calibration keeps the fastest
-   call) and simulated (the same engine and schedulers on the model-free
-   backend and the cost model of the calibrated device; instances on a CPU
-   priced at their share of the cores, ``Plan.instance_cost``).
+   runs taking turns, the fastest kept: a whole run averages over its
+   steps' own variation, and what is left between runs is disturbance)
+   and simulated (the same engine and schedulers on the model-free backend
+   and the cost model of the calibrated device; instances on a CPU priced
+   at their share of the cores, ``Plan.instance_cost``).
 
 Reported per row: predicted against measured throughput, mean and p99
 latency, and each error, (simulated - measured) / measured. The mark

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--output", default="cpu.json", help="the device file to write")
     p.add_argument("--name", default="cpu", help="the device's name in the file (what `--device` titles say)")
     p.add_argument("--quick", action="store_true", help="a small grid and one round (seconds on --model tiny)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of every measurement; the fastest call counts")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of every measurement; the median call counts")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
