@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numba
 import pytest
 
 from flover.cli import main
@@ -104,11 +105,16 @@ def test_calibrate_on_several_cores_also_fits_one_thread_for_instances(tmp_path,
     from flover.sim import calibration
 
     monkeypatch.setattr(calibration, "times_one_thread", lambda config: True)
+    threads = numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(threads)  # a tiny model's backend keeps to one thread
     status, out, _ = run(capsys, "calibrate", "--model", "tiny", "--quick", "--output", tmp_path / "cpu.json", "--quiet")
     assert status == 0 and "on one thread" in out
     record = json.loads((tmp_path / "cpu.json").read_text())
-    assert len(record["measurements_one_thread"]) == 2 * 3 + 2  # decode batches x positions, prefills
-    assert "matmul_tflops_one_thread" in record["figures"] and "One-thread fit error" in " ".join(record["notes"])
+    for setting in ("_one_thread", "_one_thread_alone"):  # beside busy neighbour processes, and alone
+        assert len(record[f"measurements{setting}"]) == 2 * 3 + 2  # decode batches x positions, prefills
+        assert f"matmul_tflops{setting}" in record["figures"]
+    assert f"beside {threads - 1} busy neighbour process" in record["figures"]["overlap_one_thread"]["source"]
+    assert "One-thread fit error" in " ".join(record["notes"])
     status, out, _ = run(capsys, "simulate", "--device", tmp_path / "cpu.json", "--model", "tiny", *TRACE,
                          "--policy", "instances", "--quiet")  # fmt: skip
     assert status == 0 and "instances (2)" in out

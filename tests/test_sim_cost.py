@@ -175,9 +175,34 @@ def test_instances_on_a_cpu_each_run_on_their_own_cores():
     alone = sum(one_thread.shape_s(s) for s in request_steps(8, 20))
     assert [r.finish_s for r in run.results] == pytest.approx([alone, alone], rel=1e-6)
     assert alone > 2 * sum(plan.cost().shape_s(s) for s in request_steps(8, 20))  # math-bound: 4x slower
-    cost, contention = plan.instance_cost(4)  # four on two cores: one thread each, and twice the demand
-    assert (contention(1), contention(2), contention(4)) == (1.0, 1.0, 2.0)
-    assert cost.device.figure("cores") == 1
+    pricing = plan.instance_pricing(4)  # four on two cores: one thread each, and twice the demand
+    assert [pricing(busy)[1] for busy in (1, 2, 4)] == [1.0, 1.0, 2.0]
+    assert pricing(4)[0].device.figure("cores") == 1
+
+
+ALONE = {"memory_bandwidth_gb_s_one_thread_alone": 20, "matmul_tflops_one_thread_alone": 0.2,
+         "attention_tflops_one_thread_alone": 0.1, "overlap_one_thread_alone": 0.1,
+         "layer_overhead_s_one_thread_alone": 1e-4}  # fmt: skip
+
+
+def test_an_instance_runs_at_its_alone_figures_while_the_others_wait_and_beside_them_while_they_run():
+    """Busy neighbours share a CPU's caches and memory: calibrated apart, priced apart."""
+    cpu = device_from_record(cpu_device(2, **ALONE))
+    alone, beside = cpu.with_threads(1, alone=True), cpu.with_threads(1)
+    assert (alone.figure("memory_bandwidth_gb_s"), beside.figure("memory_bandwidth_gb_s")) == pytest.approx((20, 10))
+    assert "(alone)" in alone.sources["overlap"] and "beside busy neighbours" in beside.sources["overlap"]
+    assert device_from_record(cpu_device(2)).with_threads(1, alone=True).figures == beside.figures  # no alone figures
+    plan = Plan(cpu, model_shape("gpt2"))
+    pricing = plan.instance_pricing(2)
+    assert pricing(1)[0].device.figures == alone.figures and pricing(2)[0].device.figures == beside.figures
+    steps = request_steps(8, 20)
+    one = simulate(plan, PolicyConfig("instances", instances=2), [Request(0, 0.0, (1, 2, 3, 4, 5, 6, 7, 8), 20)])
+    assert one.results[0].finish_s == pytest.approx(sum(CostModel(alone, plan.shape).shape_s(s) for s in steps))
+    both = [Request(i, 0.0, (1, 2, 3, 4, 5, 6, 7, i), 20) for i in range(2)]
+    two = simulate(plan, PolicyConfig("instances", instances=2), both)
+    by_beside = sum(CostModel(beside, plan.shape).shape_s(s) for s in steps)
+    assert [r.finish_s for r in two.results] == pytest.approx([by_beside, by_beside], rel=1e-6)
+    assert by_beside > 1.2 * one.results[0].finish_s
 
 
 def test_kv_memory_is_counted_at_the_plans_data_type():

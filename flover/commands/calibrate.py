@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from flover.sim.calibration import calibrate, device_record, points_count
+from flover.sim.calibration import calibrate, device_record, one_thread_settings, points_count
 from flover.sim.device import device_from_record
 from flover.sim.shapes import model_shape
 from reference.config import PRESETS
@@ -36,8 +36,8 @@ def run(args) -> int:
     points = points_count(grid, shape.config) * rounds
     with tqdm(total=points, desc=f"measuring {args.model}", unit="point", disable=True if args.quiet else None,
               leave=False) as bar:  # fmt: skip
-        calibration, fit, one_thread = calibrate(shape, grid, rounds, progress=bar.update)
-    record = device_record(calibration, fit, args.name, one_thread)
+        calibration, fits = calibrate(shape, grid, rounds, progress=bar.update)
+    record, fit = device_record(calibration, fits, args.name), fits.all_cores
     device_from_record(record)  # what simulate will load must load
     errors = fit.errors(calibration.measured)
     print(f"{'step':<8} {'rows':>5} {'lanes':>5} {'cached':>7} {'measured':>10} {'modelled':>10} {'error':>7}")
@@ -51,11 +51,13 @@ def run(args) -> int:
           f"copies {calibration.copy_bandwidth / 1e9:.1f} GB/s")  # fmt: skip
     print(f"fit error: median {np.median(np.abs(errors)):.1%}, worst {np.abs(errors).max():.1%} over {len(errors)} steps "
           f"(load average {calibration.load[0]:.1f} before, {calibration.load[1]:.1f} after)")  # fmt: skip
-    if one_thread:
-        e = np.abs(one_thread.errors(calibration.one_thread))
-        print(f"on one thread (each of {calibration.threads} concurrent instances): matmuls "
-              f"{one_thread.matmul_rate / 1e9:.1f} GFLOP/s, {one_thread.layer_overhead_s * 1e3:.3f} ms a layer; "
-              f"fit error median {np.median(e):.1%}, worst {e.max():.1%} over {len(e)} steps")  # fmt: skip
+    for suffix, one, measured, _ in one_thread_settings(calibration, fits):
+        e = np.abs(one.errors(measured))
+        where = "alone" if suffix.endswith("alone") else f"beside {calibration.threads - 1} busy instance(s)"
+        print(f"on one thread, {where} (each of {calibration.threads} concurrent instances): "
+              f"{one.bandwidth / 1e9:.1f} GB/s, matmuls {one.matmul_rate / 1e9:.1f} GFLOP/s, "
+              f"{one.layer_overhead_s * 1e3:.3f} ms a layer; fit error median {np.median(e):.1%}, worst {e.max():.1%} "
+              f"over {len(e)} steps")  # fmt: skip
     for name in fit.unmeasured():
         print(f"note: the {name} did not show in {args.model}'s steps and is left at its floor; "
               f"a larger --model measures it")  # fmt: skip

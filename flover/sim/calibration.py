@@ -2,7 +2,10 @@
 
 Measured: decode steps over batch sizes and context lengths, prefills over
 prompt lengths, a memory shuffle's copies, and the host's work per lane
-(the engine samples each lane's token from its logits). The points take
+(the engine samples each lane's token from its logits). On a machine of
+several cores, also the small steps a serial instance makes on one thread:
+alone, and beside busy neighbour processes (``flover.sim.neighbour``), the
+two ways concurrent instances run. The points take
 turns in rounds, so that a noisy neighbour slows every point alike, and a
 figure is the median call. ``fit_cpu`` then fits the figures, and
 ``device_record`` writes them with the measurements, the fit's error on
@@ -14,7 +17,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ import numpy as np
 from flover.engine import Request, RequestState
 from flover.sim.cost import StepShape
 from flover.sim.fit import CpuFit, Measured, fit_cpu
+from flover.sim.neighbour import NeighbourProcesses
 from flover.sim.shapes import ModelShape
 from reference import Lane, NumpyBackend, init_weights
 from reference.backend import ONE_THREAD_BELOW, block_weights
@@ -42,7 +45,10 @@ ONE_THREAD_GRIDS = {"full": ((1, 2, 4), (16, 256, 768), (8, 32, 128)), "quick": 
 class Calibration:
     shape: ModelShape
     measured: list[Measured] = field(default_factory=list)
-    one_thread: list[Measured] = field(default_factory=list)  # the same steps on one thread (none: cores == 1)
+    # The same steps on one thread (none: cores == 1): beside busy neighbour processes, as concurrent instances
+    # run while all are busy, and alone, as one runs while the others wait (``flover.sim.neighbour``)
+    one_thread: list[Measured] = field(default_factory=list)
+    one_thread_alone: list[Measured] = field(default_factory=list)
     lane_overhead_s: float = 0.0
     copy_bandwidth: float = 0.0  # bytes read + written per second
     threads: int = 1
@@ -112,37 +118,7 @@ def points_count(grid: str, config) -> int:
     batches, positions, prompts, _ = GRIDS[grid]
     one = ONE_THREAD_GRIDS[grid]
     return len(batches) * len(positions) + len(prompts) + 1 + (
-        len(one[0]) * len(one[1]) + len(one[2]) if times_one_thread(config) else 0)
-
-
-class Neighbours:
-    """``n`` threads that each step a one-thread backend of the model until the block ends.
-
-    Concurrent instances run side by side, one on each core, and share the caches and the memory (and
-    on a machine whose cores are hyperthreads, the core): a step beside busy neighbours is slower than
-    the same step alone (about 20% for gpt2 here). So one-thread steps are timed beside neighbours
-    that keep the other cores busy, as instances do. The kernels release the GIL, so threads suffice.
-    """
-
-    def __init__(self, config, weights, n: int) -> None:
-        self.backends = [NumpyBackend(config, weights, 1, threads=1) for _ in range(n)]
-        self.lane = Lane.of([0], [1], min(64, config.n_ctx - 1))
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(b,), daemon=True) for b in self.backends]
-
-    def _run(self, backend: NumpyBackend) -> None:
-        while not self.stop.is_set():
-            backend.step([self.lane])
-
-    def __enter__(self) -> Neighbours:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
+        2 * (len(one[0]) * len(one[1]) + len(one[2])) if times_one_thread(config) else 0)
 
 
 def measure(shape: ModelShape, grid: str = "full", rounds: int = 3, repeats: int = 3,
@@ -162,10 +138,11 @@ def measure(shape: ModelShape, grid: str = "full", rounds: int = 3, repeats: int
     best = median_s(points, rounds, repeats, progress)
     calibration.measured = measured_steps(best)
     if times_one_thread(config):
-        one = NumpyBackend(config, weights, max(ONE_THREAD_GRIDS[grid][0]), threads=1)
-        with Neighbours(config, weights, calibration.threads - 1):
-            calibration.one_thread = measured_steps(median_s(step_points(one, *ONE_THREAD_GRIDS[grid]), rounds,
-                                                              repeats, progress))  # fmt: skip
+        one = step_points(NumpyBackend(config, weights, max(ONE_THREAD_GRIDS[grid][0]), threads=1),
+                          *ONE_THREAD_GRIDS[grid])  # fmt: skip
+        calibration.one_thread_alone = measured_steps(median_s(one, rounds, repeats, progress))
+        with NeighbourProcesses(config, calibration.threads - 1):
+            calibration.one_thread = measured_steps(median_s(one, rounds, repeats, progress))
     move_bytes = moved * move_len * 2 * config.n_layer * config.n_embd * 4  # K and V of every layer, fp32
     calibration.copy_bandwidth = 2 * move_bytes / best[("move", moved, move_len)]
     calibration.lane_overhead_s = lane_overhead_s(config.vocab_size)
@@ -195,9 +172,26 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def device_record(calibration: Calibration, fit: CpuFit, name: str = "cpu", one_thread: CpuFit | None = None) -> dict:
+@dataclass(frozen=True, slots=True)
+class Fits:
+    all_cores: CpuFit
+    one_thread: CpuFit | None = None  # beside busy neighbours
+    one_thread_alone: CpuFit | None = None
+
+
+def one_thread_settings(c: Calibration, fits: Fits) -> list[tuple[str, CpuFit, list[Measured], str]]:
+    """(figure suffix, fit, measurements, where) of each one-thread setting calibrated."""
+    beside = (f"beside {c.threads - 1} busy neighbour process(es), each a one-thread instance with weights of its "
+              "own, as concurrent instances run while all are busy")  # fmt: skip
+    alone = "with the other cores idle, as an instance runs while the others wait"
+    settings = [("_one_thread", fits.one_thread, c.one_thread, beside),
+                ("_one_thread_alone", fits.one_thread_alone, c.one_thread_alone, alone)]  # fmt: skip
+    return [s for s in settings if s[1] is not None]
+
+
+def device_record(calibration: Calibration, fits: Fits, name: str = "cpu") -> dict:
     """The device file's contents: the fitted figures, each with its source, and the measurements."""
-    c = calibration
+    c, fit = calibration, fits.all_cores
     how = (f"flover calibrate on {cpu_name()} ({os.cpu_count()} cores, {c.threads} Numba threads), {c.started}, "
            f"model shape {c.shape.name}, NumPy backend with batch-invariant kernels, fp32")  # fmt: skip
     fitted = f"fitted by {how}"
@@ -217,17 +211,17 @@ def device_record(calibration: Calibration, fit: CpuFit, name: str = "cpu", one_
         "cores": (c.threads, f"the Numba threads of {how}"),
     }
     notes = []
-    if one_thread is not None:
-        on_one = f"fitted by {how}, on one thread beside {c.threads - 1} other busy thread(s), as concurrent instances run"
+    for suffix, one, measured, where in one_thread_settings(c, fits):
+        on_one = f"fitted by {how}, on one thread {where}"
         figures |= {
-            "memory_bandwidth_gb_s_one_thread": (one_thread.bandwidth / 1e9, f"{on_one}: the bandwidth"),
-            "matmul_tflops_one_thread": (one_thread.matmul_rate / 1e12, f"{on_one}: the matmuls' rate"),
-            "attention_tflops_one_thread": (one_thread.attention_rate / 1e12, f"{on_one}: the attention op's rate"),
-            "overlap_one_thread": (one_thread.overlap, f"{on_one}: the best of 0, 0.1, ..., 1"),
-            "layer_overhead_s_one_thread": (one_thread.layer_overhead_s, f"{on_one}: fixed cost per layer and step"),
+            f"memory_bandwidth_gb_s{suffix}": (one.bandwidth / 1e9, f"{on_one}: the bandwidth"),
+            f"matmul_tflops{suffix}": (one.matmul_rate / 1e12, f"{on_one}: the matmuls' rate"),
+            f"attention_tflops{suffix}": (one.attention_rate / 1e12, f"{on_one}: the attention op's rate"),
+            f"overlap{suffix}": (one.overlap, f"{on_one}: the best of 0, 0.1, ..., 1"),
+            f"layer_overhead_s{suffix}": (one.layer_overhead_s, f"{on_one}: fixed cost per layer and step"),
         }
-        e = np.abs(one_thread.errors(c.one_thread))
-        notes.append(f"One-thread fit error over {len(e)} steps: median {np.median(e):.1%}, worst {e.max():.1%}.")
+        e = np.abs(one.errors(measured))
+        notes.append(f"One-thread fit error {where}, over {len(e)} steps: median {np.median(e):.1%}, worst {e.max():.1%}.")
     return {
         "name": name, "kind": "cpu", "dtype": "fp32", "description": f"{cpu_name()}, {os.cpu_count()} cores (calibrated)",
         "figures": {k: {"value": float(f"{v:.6g}"), "source": s} for k, (v, s) in figures.items()},
@@ -239,7 +233,8 @@ def device_record(calibration: Calibration, fit: CpuFit, name: str = "cpu", one_
             *notes,
         ],
         "measurements": measurement_rows(c.measured, fit),
-        **({"measurements_one_thread": measurement_rows(c.one_thread, one_thread)} if one_thread else {}),
+        **{f"measurements{suffix}": measurement_rows(measured, one)
+           for suffix, one, measured, _ in one_thread_settings(c, fits)},
     }
 
 
@@ -249,9 +244,8 @@ def measurement_rows(measured: list[Measured], fit: CpuFit) -> list[dict]:
             for m, p in zip(measured, fit.modelled)]  # fmt: skip
 
 
-def calibrate(shape: ModelShape, grid: str = "full", rounds: int = 3,
-              progress=None) -> tuple[Calibration, CpuFit, CpuFit | None]:  # fmt: skip
-    """Measure, then fit: (calibration, the all-core fit, the one-thread fit or None)."""
-    calibration = measure(shape, grid, rounds, progress=progress)
-    one = fit_cpu(shape, calibration.one_thread) if calibration.one_thread else None
-    return calibration, fit_cpu(shape, calibration.measured), one
+def calibrate(shape: ModelShape, grid: str = "full", rounds: int = 3, progress=None) -> tuple[Calibration, Fits]:
+    """Measure, then fit every setting measured."""
+    c = measure(shape, grid, rounds, progress=progress)
+    one, alone = (fit_cpu(shape, m) if m else None for m in (c.one_thread, c.one_thread_alone))
+    return c, Fits(fit_cpu(shape, c.measured), one, alone)

@@ -2,8 +2,9 @@
 
 It is a ``VirtualClock``, so everything that runs on virtual time (the one
 engine loop, instances simulated on forked clocks) runs on it unchanged.
-``share`` tells it how many instances are busy on the device at a moment
-(``flover.sim.instances``); alone, it is 1.
+Concurrent instances on one device (``flover.sim.instances``) give it a
+``pricing``: at a moment, the cost model a step runs at and its share of the
+device's memory and math, from how many instances are busy then.
 """
 
 from __future__ import annotations
@@ -14,16 +15,19 @@ from flover.clock import VirtualClock
 from flover.sim.cost import CostModel
 from reference import Lane
 
+Pricing = Callable[[float], tuple[CostModel, float]]  # now -> (the cost model, the share: 1 alone)
+
 
 class CostClock(VirtualClock):
-    def __init__(self, cost: CostModel, start: float = 0.0, share: Callable[[float], int] | None = None) -> None:
+    def __init__(self, cost: CostModel, start: float = 0.0, pricing: Pricing | None = None) -> None:
         super().__init__(start=start)
         self.cost = cost
-        self.share = share
+        self.pricing = pricing
         self.busy_s = 0.0  # time spent in steps and moves, as against waiting for arrivals
 
     def spend(self, lanes: Sequence[Lane], prefill: int) -> None:
-        spent = self.cost.step_s(lanes, self.share(self._now) if self.share else 1)
+        cost, share = self.pricing(self._now) if self.pricing else (self.cost, 1.0)
+        spent = cost.step_s(lanes, share)
         self._now += spent
         self.busy_s += spent
 
@@ -33,4 +37,4 @@ class CostClock(VirtualClock):
         self.busy_s += spent
 
     def fork(self, start: float) -> CostClock:
-        return CostClock(self.cost, start, self.share)
+        return CostClock(self.cost, start, self.pricing)

@@ -47,15 +47,14 @@ OPTIONAL = {
     "infiniband_latency_s": (0.0, 1.0),
     # A CPU's cores, and its figures when a step runs on one of them (``Device.with_threads``): concurrent
     # instances on a CPU each get cores / N threads, where a GPU's instances time-share the whole device.
+    # ``_one_thread``: beside busy neighbours (all instances busy); ``_one_thread_alone``: the other cores idle.
     "cores": (1, 4096),
-    "memory_bandwidth_gb_s_one_thread": (1e-3, 1e6),
-    "matmul_tflops_one_thread": (1e-9, 1e6),
-    "attention_tflops_one_thread": (1e-9, 1e6),
-    "overlap_one_thread": (0.0, 1.0),
-    "layer_overhead_s_one_thread": (0.0, 1.0),
 }
-ONE_THREAD = ("memory_bandwidth_gb_s_one_thread", "matmul_tflops_one_thread", "attention_tflops_one_thread",
-              "overlap_one_thread", "layer_overhead_s_one_thread")  # fmt: skip
+ONE_THREAD_BASES = {"memory_bandwidth_gb_s": (1e-3, 1e6), "matmul_tflops": (1e-9, 1e6),
+                    "attention_tflops": (1e-9, 1e6), "overlap": (0.0, 1.0), "layer_overhead_s": (0.0, 1.0)}  # fmt: skip
+ONE_THREAD = tuple(f"{base}_one_thread" for base in ONE_THREAD_BASES)
+ONE_THREAD_ALONE = tuple(f"{base}_one_thread_alone" for base in ONE_THREAD_BASES)
+OPTIONAL |= {f"{base}{end}": limits for base, limits in ONE_THREAD_BASES.items() for end in ("_one_thread", "_one_thread_alone")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,16 +83,18 @@ class Device:
     def has(self, *names: str) -> bool:
         return all(n in self.figures for n in names)
 
-    def with_threads(self, threads: int) -> Device:
+    def with_threads(self, threads: int, alone: bool = False) -> Device:
         """This CPU when a step gets ``threads`` of its cores: itself, or figures between its one-thread ones
-        and its all-core ones.
+        and its all-core ones. The one-thread end: beside busy neighbours, or ``alone`` (the other cores idle)
+        where the device has those figures.
 
         Each time a figure stands for (seconds per byte, per FLOP, per layer) is taken as a + b / threads
         (Amdahl's law: a serial part and a part split over the threads), the line through the two calibrated
         ends. A GPU, or a CPU calibrated without one-thread figures, is itself at any thread count.
         """
         cores = int(self.figure("cores", 1))
-        if self.kind != "cpu" or not self.has(*ONE_THREAD) or threads >= cores:
+        ends = ONE_THREAD_ALONE if alone and self.has(*ONE_THREAD_ALONE) else ONE_THREAD
+        if self.kind != "cpu" or not self.has(*ends) or threads >= cores:
             return self
         w = (1 - 1 / max(threads, 1)) / (1 - 1 / cores)  # 0 at one thread, 1 at every core
 
@@ -101,20 +102,22 @@ class Device:
             return one + w * (every - one)
 
         f, peak = self.figures, self.peak_flops("fp32")
+        one = dict(zip(ONE_THREAD_BASES, (f[name] for name in ends)))
         bandwidth = f["memory_bandwidth_gb_s"] * f["bandwidth_efficiency"]
-        per_byte = between(1 / f["memory_bandwidth_gb_s_one_thread"], 1 / bandwidth)
-        per_matmul = between(1 / f["matmul_tflops_one_thread"], 1 / (peak / 1e12 * f["compute_efficiency"]))
+        per_byte = between(1 / one["memory_bandwidth_gb_s"], 1 / bandwidth)
+        per_matmul = between(1 / one["matmul_tflops"], 1 / (peak / 1e12 * f["compute_efficiency"]))
         attention = peak / 1e12 * f.get("attention_efficiency", f["compute_efficiency"])
-        per_attention = between(1 / f["attention_tflops_one_thread"], 1 / attention)
+        per_attention = between(1 / one["attention_tflops"], 1 / attention)
         rates = (1 / per_matmul, 1 / per_attention)
-        kept = {k: v for k, v in f.items() if k not in ONE_THREAD}
+        kept = {k: v for k, v in f.items() if k not in ONE_THREAD + ONE_THREAD_ALONE}
         figures = {**kept, "memory_bandwidth_gb_s": 1 / per_byte, "bandwidth_efficiency": 1.0,
                    "peak_tflops_fp32": max(rates), "compute_efficiency": rates[0] / max(rates),
                    "attention_efficiency": rates[1] / max(rates),
-                   "overlap": between(f["overlap_one_thread"], f["overlap"]),
-                   "layer_overhead_s": between(f["layer_overhead_s_one_thread"], f["layer_overhead_s"]), "cores": threads}
-        how = f"between the one-thread and the {cores}-core figures, at {threads} threads"
-        sources = {k: s for k, s in self.sources.items() if k not in ONE_THREAD}
+                   "overlap": between(one["overlap"], f["overlap"]),
+                   "layer_overhead_s": between(one["layer_overhead_s"], f["layer_overhead_s"]), "cores": threads}
+        end = "alone" if ends is ONE_THREAD_ALONE else "beside busy neighbours"
+        how = f"between the one-thread ({end}) and the {cores}-core figures, at {threads} threads"
+        sources = {k: s for k, s in self.sources.items() if k not in ONE_THREAD + ONE_THREAD_ALONE}
         sources |= {k: how for k in figures if figures[k] != f.get(k)}
         return Device(self.name, self.kind, self.dtype, figures, sources, self.description)
 

@@ -7,9 +7,12 @@ while it runs: with k busy on a GPU, its memory traffic and math take k
 times as long (``CostModel.compute_s``'s ``share``), while its fixed
 overheads overlap with the others'. On a CPU each of N instances runs on
 cores / N threads of its own (as ``flover.engine.instances`` starts them),
-priced by the device's figures at that many threads and slowed only when
-the busy ones want more threads than there are cores. As in ``flover.engine.instances``, a request goes, when it
-arrives, to the instance with the fewest outstanding requests.
+priced by the device's figures at that many threads: alone while the
+others wait, beside busy neighbours (which share its caches and memory)
+while they run, and slowed further when the busy ones want more threads than
+there are cores (``Plan.instance_pricing``). As in
+``flover.engine.instances``, a request goes, when it arrives, to the
+instance with the fewest outstanding requests.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from flover.engine import Engine, EngineStats, Request, RequestResult, SerialScheduler, SlotLayout
-from flover.sim.clock import CostClock
+from flover.sim.clock import CostClock, Pricing
 from flover.sim.cost import CostModel
 from reference.backend import Backend
 
@@ -26,16 +29,19 @@ from reference.backend import Backend
 class Instance:
     """One model copy: a serial engine on its own clock, and the requests routed to it that it has not seen."""
 
-    def __init__(self, backend: Backend, cost: CostModel, share: Callable[[float], float], keep_logits: bool) -> None:
-        self.clock = CostClock(cost, share=share)
+    def __init__(self, backend: Backend, pricing: Pricing, keep_logits: bool) -> None:
+        self.clock = CostClock(pricing(0.0)[0], pricing=pricing)
         self.engine = Engine(backend, SerialScheduler(), SlotLayout(backend.config, 1), self.clock, keep_logits)
         self.inbox: deque[Request] = deque()
         self.routed = 0
+        self.stepped_until = 0.0  # the end of its latest step
 
-    @property
-    def busy(self) -> bool:
+    def busy_at(self, t: float) -> bool:
+        """Whether it computes at ``t``: in a step that spans it, or with work that has arrived by then."""
+        if self.stepped_until > t:  # instances advance in time order: a clock ahead of t is in a step or a wait
+            return True
         e = self.engine
-        return bool(e.running or e.waiting or (self.inbox and self.inbox[0].arrival_s <= self.clock.now()))
+        return bool(e.running or e.waiting or (self.inbox and self.inbox[0].arrival_s <= t))
 
     def has_work(self) -> bool:
         return bool(self.engine.running or self.engine.waiting or self.inbox)
@@ -49,23 +55,29 @@ class Instance:
         arrived = []
         while self.inbox and self.inbox[0].arrival_s <= now:
             arrived.append(self.inbox.popleft())
-        if not self.engine.iterate(arrived, now) and self.inbox:
+        if self.engine.iterate(arrived, now):
+            self.stepped_until = self.clock.now()
+        elif self.inbox:
             self.clock.wait_until(self.inbox[0].arrival_s)
 
 
-def simulate_shared(backends: Sequence[Backend], cost: CostModel, requests: Sequence[Request], keep_logits: bool = False,
-                    contention: Callable[[int], float] = lambda busy: max(1, busy),
-                    ) -> tuple[list[RequestResult], EngineStats]:  # fmt: skip
-    """Serve ``requests`` on one instance per backend, all on one device priced by ``cost``.
+def time_shared(cost: CostModel) -> Callable[[int], tuple[CostModel, float]]:
+    """A GPU's pricing: with ``busy`` instances running, each one's memory and math take ``busy`` times as long."""
+    return lambda busy: (cost, float(max(1, busy)))
 
-    ``contention(busy)``: how many times longer memory and math take while ``busy`` instances run: on a GPU
-    the busy ones time-share it (``busy``); on a CPU each has its own cores (``Plan.instance_cost``)."""
+
+def simulate_shared(backends: Sequence[Backend], pricing: Callable[[int], tuple[CostModel, float]],
+                    requests: Sequence[Request], keep_logits: bool = False) -> tuple[list[RequestResult], EngineStats]:
+    """Serve ``requests`` on one instance per backend, all on one device.
+
+    ``pricing(busy)``: the cost model and share of the device a step runs at while ``busy`` instances run
+    (``time_shared`` on a GPU; ``Plan.instance_pricing`` on either)."""
     instances: list[Instance] = []
 
-    def busy_now(t: float) -> float:
-        return contention(sum(i.busy for i in instances))
+    def now_priced(t: float) -> tuple[CostModel, float]:
+        return pricing(sum(i.busy_at(t) for i in instances))
 
-    instances.extend(Instance(b, cost, busy_now, keep_logits) for b in backends)
+    instances.extend(Instance(b, now_priced, keep_logits) for b in backends)
     pending = deque(sorted(requests, key=lambda r: r.arrival_s))
     while pending or any(i.has_work() for i in instances):
         working = [i for i in instances if i.has_work()]

@@ -18,7 +18,7 @@ from flover.sim.backend import ModelFreeFactory
 from flover.sim.clock import CostClock
 from flover.sim.cost import CostModel
 from flover.sim.device import Device
-from flover.sim.instances import simulate_shared
+from flover.sim.instances import simulate_shared, time_shared
 from flover.sim.shapes import DTYPE_BYTES, ModelShape
 from reference.kv import BYTES_PER_VALUE
 
@@ -60,18 +60,20 @@ class Plan:
     def cost(self) -> CostModel:
         return CostModel(self.device, self.shape, self.tp, self.nodes, self.dtype)
 
-    def instance_cost(self, n: int) -> tuple[CostModel, Callable[[int], float]]:
-        """One of ``n`` concurrent instances' cost model, and its contention (``simulate_shared``).
+    def instance_pricing(self, n: int) -> Callable[[int], tuple[CostModel, float]]:
+        """``busy`` -> the cost model and share a step of one of ``n`` concurrent instances runs at while ``busy``
+        of them run (``simulate_shared``).
 
         A GPU's instances time-share it: with k busy, each step's memory and math take k times as long. A
-        CPU's get cores // n threads each (``flover.engine.instances``), priced at that many threads, and
-        contend only when the busy ones want more threads than there are cores."""
+        CPU's get cores // n threads each (``flover.engine.instances``), priced at that many threads: alone
+        while the others wait, beside busy neighbours (the figures calibrated so) while they run, and
+        sharing the cores when the busy ones want more threads than there are."""
         if self.device.kind != "cpu":
-            return self.cost(), lambda busy: max(1, busy)
+            return time_shared(self.cost())
         cores = int(self.device.figure("cores", 1))
         threads = max(1, cores // n)
-        cost = CostModel(self.device.with_threads(threads), self.shape, 1, 1, self.dtype)
-        return cost, lambda busy: max(1.0, busy * threads / cores)
+        alone, beside = (CostModel(self.device.with_threads(threads, a), self.shape, 1, 1, self.dtype) for a in (True, False))
+        return lambda busy: (alone, 1.0) if busy <= 1 else (beside, max(1.0, busy * threads / cores))
 
 
 def in_engine_values(plan: Plan, pc: PolicyConfig) -> PolicyConfig:
@@ -113,8 +115,8 @@ def simulate(plan: Plan, pc: PolicyConfig, requests: Sequence[Request], keep_log
         run = run_policy(in_engine_values(plan, pc), factory, requests, clock=CostClock(plan.cost()),
                          keep_logits=keep_logits, on_finish=on_finish)  # fmt: skip
         return at_plan_dtype(plan, replace(run, config=pc))
-    cost, contention = plan.instance_cost(pc.instances)
-    results, stats = simulate_shared([factory(1) for _ in range(pc.instances)], cost, requests, keep_logits, contention)
+    pricing = plan.instance_pricing(pc.instances)
+    results, stats = simulate_shared([factory(1) for _ in range(pc.instances)], pricing, requests, keep_logits)
     for result in results if on_finish else ():
         on_finish(result)
     budget = pc.instances * factory(1).kv.nbytes(plan.shape.config)
