@@ -3,8 +3,11 @@
     python benchmarks/simulator_accuracy.py            # calibrate, run, write RESULTS.md (minutes, a quiet machine)
     python benchmarks/simulator_accuracy.py --quick    # tiny preset, a few requests, nothing written
 
-1. Calibrate: ``flover calibrate``'s measurements and fit, in this process
-   (decode steps, prefills and a shuffle of the NumPy backend; no trace).
+1. Calibrate, before each trace's runs: ``flover calibrate``'s measurements
+   and fit, in this process (decode steps, prefills and a shuffle of the
+   NumPy backend, and one-thread steps alone and beside a busy neighbour;
+   no trace). Each trace gets a fresh calibration because this machine's
+   speed drifts over minutes.
 2. Held-apart traces: Poisson arrivals at each of ``--rates``, from seeds
    ``--seed``, ``--seed`` + 1, ... that calibration never saw (it runs no
    trace; its weights and sample logits come from seed 0).
@@ -55,6 +58,7 @@ from flover.backends import BackendFactory  # noqa: E402
 from flover.commands.common import add_policy_flags, policies_of  # noqa: E402
 from flover.runner import PolicyConfig, RunResult, check_trace, fits, run_policy, warm_up  # noqa: E402
 from flover.sim.calibration import calibrate, device_record  # noqa: E402
+from flover.sim.cost import CostModel, StepShape  # noqa: E402
 from flover.sim.device import Device, device_from_record, load_device  # noqa: E402
 from flover.sim.run import Plan, simulate  # noqa: E402
 from flover.sim.shapes import model_shape  # noqa: E402
@@ -101,8 +105,12 @@ class Measured:
         return run_policy(pc, self.factory, trace, backend=self.backend(pc))
 
 
-def device() -> tuple[Device, str]:
-    """The calibrated CPU, and a line on where it came from."""
+def device(rate: float) -> tuple[Device, str]:
+    """The calibrated CPU for the trace at ``rate``, and a line on where it came from.
+
+    Calibrated afresh before each trace's runs: this machine's speed drifts (on 2026-12-02 a gpt2 decode step of 16
+    took 89 ms at one calibration and 114-170 ms 17 minutes later, the machine otherwise idle), so a calibration
+    is only as good as it is recent. The calibration runs no trace: the traces stay held apart."""
     if ARGS.device:
         d = load_device(ARGS.device)
         return d, f"the device file `{ARGS.device}` ({d.description})"
@@ -113,24 +121,32 @@ def device() -> tuple[Device, str]:
     errors = np.abs(fits.all_cores.errors(calibration.measured))
     if ARGS.save_device:
         Path(ARGS.save_device).write_text(json.dumps(record, indent=1) + "\n")
-    line = (f"calibrated in this run ({grid} grid, {rounds} round(s), {time.perf_counter() - begin:.0f} s): fit error "
-            f"median {np.median(errors):.1%}, worst {errors.max():.1%} over {len(errors)} steps; load average "
+    cpu = device_from_record(record)
+    cost = CostModel(cpu, model_shape(ARGS.model))
+    steps = ", ".join(f"{b}: {cost.shape_s(StepShape.decode(b, 256)) * 1e3:.1f} ms" for b in (1, 16))
+    line = (f"at {rate:g} requests/s: calibrated just before ({grid} grid, {rounds} round(s), "
+            f"{time.perf_counter() - begin:.0f} s): fit error median {np.median(errors):.1%}, worst {errors.max():.1%} "
+            f"over {len(errors)} steps; a decode step at position 256 of batch {steps}; load average "
             f"{calibration.load[0]:.1f} before, {calibration.load[1]:.1f} after")  # fmt: skip
     print(line)
-    return device_from_record(record), line
+    return cpu, line
 
 
 def figure(run: RunResult, key: str, q: str | None) -> float:
     return float(run.metrics[key][q] if q else run.metrics[key])
 
 
-def compare(rates: list[float], plan: Plan, measured: Measured, config) -> list[dict]:
-    """Each (rate, policy): its figures measured and simulated; the policies take turns within a trace."""
+def compare(rates: list[float], shape, measured: Measured) -> tuple[list[dict], list[str], str]:
+    """Each (rate, policy): its figures measured and simulated; the policies take turns within a trace.
+    Also each trace's line on its device, and the simulated runs' label."""
     outputs, prompts = parse_range(ARGS.output_len, "--output-len"), parse_range(ARGS.prompt_len, "--prompt-len")
-    policies, rows = bench_policies(), []
+    config, policies, rows, sources = shape.config, bench_policies(), [], []
     for i, rate in enumerate(tqdm(rates, desc="rates", unit="rate")):
         trace = poisson_trace(rate, ARGS.requests, prompts, outputs, seed=ARGS.seed + i, vocab_size=config.vocab_size)
         check_trace(config, trace)
+        cpu, source = device(rate)
+        plan = Plan(cpu, shape)
+        sources.append(source)
         runs: dict[str, list[RunResult]] = {pc.label: [] for pc in policies}
         for repeat in range(ARGS.repeats):  # rounds in alternating order, so a slow spell hits every policy alike
             for pc in policies if repeat % 2 == 0 else policies[::-1]:
@@ -146,7 +162,7 @@ def compare(rates: list[float], plan: Plan, measured: Measured, config) -> list[
                 row[name] = (float(np.median(values)), figure(sim, key, q))
                 row[f"{name} spread"] = (max(values) - min(values)) / float(np.median(values))
             rows.append(row)
-    return rows
+    return rows, sources, plan.label
 
 
 def error(pair: tuple[float, float]) -> float:
@@ -184,25 +200,24 @@ def report(rows: list[dict], label: str) -> tuple[str, bool]:
 def main() -> None:
     rates = [float(r) for r in ARGS.rates.split(",")]
     shape = model_shape(ARGS.model)
-    cpu, source = device()
-    plan = Plan(cpu, shape)
     begin, load = time.perf_counter(), os.getloadavg()[0]
-    rows = compare(rates, plan, Measured(shape.config), shape.config)
-    table, ok = report(rows, plan.label)
+    rows, sources, label = compare(rates, shape, Measured(shape.config))
+    table, ok = report(rows, label)
     heading = (f"{ARGS.requests} requests per trace, prompts {ARGS.prompt_len.replace(':', '..')}, outputs "
                f"{ARGS.output_len.replace(':', '..')} tokens, Poisson at {', '.join(f'{r:g}' for r in rates)} "
                f"requests/s (seeds {ARGS.seed}..{ARGS.seed + len(rates) - 1})")  # fmt: skip
-    print(f"{heading}\n\n{table}\n\nmark {'met' if ok else 'NOT met'}; runs took {time.perf_counter() - begin:.0f} s, "
-          f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")  # fmt: skip
+    print(f"{heading}\n\n{table}\n\nmark {'met' if ok else 'NOT met'}; calibrations and runs took "
+          f"{time.perf_counter() - begin:.0f} s, load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")  # fmt: skip
     if ARGS.no_write:
         return
     header = (f"## The simulator against this machine ({ARGS.model} shape)\n\n"
               f"Command: `{harness.command_line()}`. Machine: {harness.machine()}. Date: {harness.today()}.\n\n"
-              f"The CPU device: {source}. Each policy of `flover bench --policy all` served each held-apart trace "
+              f"Each policy of `flover bench --policy all` served each held-apart trace "
               f"for real (NumPy backend, wall clock; {ARGS.repeats} runs taking turns, each figure their median) "
-              f"and simulated on that device (model-free backend, cost-model "
-              f"clock); error = (simulated - measured) / measured. Load average {load:.1f} before the runs, "
-              f"{os.getloadavg()[0]:.1f} after.\n\n### {heading}\n\n")  # fmt: skip
+              f"and simulated on the CPU device (model-free backend, cost-model "
+              f"clock); error = (simulated - measured) / measured. Load average {load:.1f} before, "
+              f"{os.getloadavg()[0]:.1f} after. The CPU device:\n\n" + "".join(f"- {s}\n" for s in sources) +
+              f"\n### {heading}\n\n")  # fmt: skip
     harness.write_section("simulator_accuracy", header + table)
 
 
