@@ -3,11 +3,12 @@
     python benchmarks/simulator_accuracy.py            # calibrate, run, write RESULTS.md (minutes, a quiet machine)
     python benchmarks/simulator_accuracy.py --quick    # tiny preset, a few requests, nothing written
 
-1. Calibrate, before each trace's runs: ``flover calibrate``'s measurements
+1. Calibrate, for each trace afresh: ``flover calibrate``'s measurements
    and fit, in this process (decode steps, prefills and a shuffle of the
    NumPy backend, and one-thread steps alone and beside a busy neighbour;
-   no trace). Each trace gets a fresh calibration because this machine's
-   speed drifts over minutes.
+   no trace), its rounds taken between the rounds of the trace's measured
+   runs, so that both span the same spell of a machine whose speed drifts
+   over minutes.
 2. Held-apart traces: Poisson arrivals at each of ``--rates``, from seeds
    ``--seed``, ``--seed`` + 1, ... that calibration never saw (it runs no
    trace; its weights and sample logits come from seed 0).
@@ -57,7 +58,7 @@ from tqdm import tqdm  # noqa: E402
 from flover.backends import BackendFactory  # noqa: E402
 from flover.commands.common import add_policy_flags, policies_of  # noqa: E402
 from flover.runner import PolicyConfig, RunResult, check_trace, fits, run_policy, warm_up  # noqa: E402
-from flover.sim.calibration import calibrate, device_record  # noqa: E402
+from flover.sim.calibration import Measurement, device_record, fit_all  # noqa: E402
 from flover.sim.cost import CostModel, StepShape  # noqa: E402
 from flover.sim.device import Device, device_from_record, load_device  # noqa: E402
 from flover.sim.run import Plan, simulate  # noqa: E402
@@ -66,6 +67,7 @@ from flover.trace import parse_range, poisson_trace  # noqa: E402
 from reference import init_weights  # noqa: E402
 
 MEDIAN_MARK, WORST_MARK = 0.10, 0.20
+GRID = "quick" if ARGS.quick else "full"
 FIGURES = (("throughput_tok_s", None, "tok/s"), ("latency_s", "mean", "mean latency"), ("latency_s", "p99", "p99"))
 if ARGS.quick:
     ARGS.model, ARGS.rates, ARGS.requests, ARGS.output_len, ARGS.no_write = "tiny", "50,200", 6, "4:12", True
@@ -105,18 +107,12 @@ class Measured:
         return run_policy(pc, self.factory, trace, backend=self.backend(pc))
 
 
-def device(rate: float) -> tuple[Device, str]:
-    """The calibrated CPU for the trace at ``rate``, and a line on where it came from.
-
-    Calibrated afresh before each trace's runs: this machine's speed drifts (on 2026-12-02 a gpt2 decode step of 16
-    took 89 ms at one calibration and 114-170 ms 17 minutes later, the machine otherwise idle), so a calibration
-    is only as good as it is recent. The calibration runs no trace: the traces stay held apart."""
-    if ARGS.device:
+def calibrated(measurement: Measurement | None, rate: float, seconds: float) -> tuple[Device, str]:
+    """The CPU device the trace at ``rate`` is simulated on, and a line on where it came from."""
+    if measurement is None:
         d = load_device(ARGS.device)
         return d, f"the device file `{ARGS.device}` ({d.description})"
-    grid, rounds = ("quick", 1) if ARGS.quick else ("full", 3)
-    begin = time.perf_counter()
-    calibration, fits = calibrate(model_shape(ARGS.model), grid, rounds)
+    calibration, fits = fit_all(measurement.result())
     record = device_record(calibration, fits, "cpu")
     errors = np.abs(fits.all_cores.errors(calibration.measured))
     if ARGS.save_device:
@@ -124,10 +120,9 @@ def device(rate: float) -> tuple[Device, str]:
     cpu = device_from_record(record)
     cost = CostModel(cpu, model_shape(ARGS.model))
     steps = ", ".join(f"{b}: {cost.shape_s(StepShape.decode(b, 256)) * 1e3:.1f} ms" for b in (1, 16))
-    line = (f"at {rate:g} requests/s: calibrated just before ({grid} grid, {rounds} round(s), "
-            f"{time.perf_counter() - begin:.0f} s): fit error median {np.median(errors):.1%}, worst {errors.max():.1%} "
-            f"over {len(errors)} steps; a decode step at position 256 of batch {steps}; load average "
-            f"{calibration.load[0]:.1f} before, {calibration.load[1]:.1f} after")  # fmt: skip
+    line = (f"at {rate:g} requests/s: {ARGS.repeats + 1} rounds of calibration ({GRID} grid), one before each round of "
+            f"the measured runs and one after them, {seconds:.0f} s in all: fit error median {np.median(errors):.1%}, "
+            f"worst {errors.max():.1%} over {len(errors)} steps; a decode step at position 256 of batch {steps}")  # fmt: skip
     print(line)
     return cpu, line
 
@@ -144,13 +139,21 @@ def compare(rates: list[float], shape, measured: Measured) -> tuple[list[dict], 
     for i, rate in enumerate(tqdm(rates, desc="rates", unit="rate")):
         trace = poisson_trace(rate, ARGS.requests, prompts, outputs, seed=ARGS.seed + i, vocab_size=config.vocab_size)
         check_trace(config, trace)
-        cpu, source = device(rate)
+        # Calibration rounds between the rounds of measured runs: this machine's speed drifts over minutes (on
+        # 2026-12-02 a gpt2 decode step of 16 took 89 ms at one calibration and 114-170 ms 17 minutes later,
+        # the machine otherwise idle), so calibration and runs span the same spell. Calibration runs no trace.
+        measurement, calibrating = None if ARGS.device else Measurement(shape, GRID), 0.0
+        runs: dict[str, list[RunResult]] = {pc.label: [] for pc in policies}
+        for repeat in range(ARGS.repeats + 1):  # rounds in alternating order, so a slow spell hits every policy alike
+            begin = time.perf_counter()
+            if measurement:
+                measurement.round()
+            calibrating += time.perf_counter() - begin
+            for pc in (policies if repeat % 2 == 0 else policies[::-1]) if repeat < ARGS.repeats else ():
+                runs[pc.label].append(measured.run(pc, trace))
+        cpu, source = calibrated(measurement, rate, calibrating)
         plan = Plan(cpu, shape)
         sources.append(source)
-        runs: dict[str, list[RunResult]] = {pc.label: [] for pc in policies}
-        for repeat in range(ARGS.repeats):  # rounds in alternating order, so a slow spell hits every policy alike
-            for pc in policies if repeat % 2 == 0 else policies[::-1]:
-                runs[pc.label].append(measured.run(pc, trace))
         for pc in policies:
             sim = simulate(plan, pc, trace)
             for real in runs[pc.label]:

@@ -56,25 +56,27 @@ class Calibration:
     load: tuple[float, float] = (0.0, 0.0)  # load average before and after
 
 
-def median_s(fns: dict, rounds: int, repeats: int, progress: Callable[[], None] | None = None) -> dict:
-    """Each function's median call over ``rounds`` rounds of ``repeats`` calls; the functions take turns.
+def time_round(fns: dict, times: dict, repeats: int, progress: Callable[[], None] | None = None) -> None:
+    """One round: each function called once untimed, then ``repeats`` times timed into ``times[key]``."""
+    for key, fn in fns.items():
+        fn()  # untimed: caches, and the previous point's threads going to sleep
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            fn()
+            times.setdefault(key, []).append(time.perf_counter() - begin)
+        if progress:
+            progress()
+
+
+def medians(times: dict) -> dict:
+    """Each point's median call.
 
     The median, not the fastest: a run pays what a step typically costs, and even on a quiet machine a
     step's calls vary (threads waking, memory traffic). On this project's 2-core machine the fastest of
     30 batch-1 gpt2 decode steps was 10-20% below their median, and a simulator calibrated on fastest
-    calls predicted every in-process policy's latency 15-45% low. Taking turns spreads any slow spell
-    over every point alike.
+    calls predicted every in-process policy's latency 15-45% low. Rounds of every point taking turns
+    spread any slow spell over every point alike.
     """
-    times: dict = {key: [] for key in fns}
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            fn()  # untimed: caches, and the previous point's threads going to sleep
-            for _ in range(repeats):
-                begin = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - begin)
-            if progress:
-                progress()
     return {key: float(np.median(t)) for key, t in times.items()}
 
 
@@ -121,33 +123,62 @@ def points_count(grid: str, config) -> int:
         2 * (len(one[0]) * len(one[1]) + len(one[2])) if times_one_thread(config) else 0)
 
 
+class Measurement:
+    """A calibration's measurements, taken in rounds of every point.
+
+    ``measure`` takes its rounds one after another. A benchmark may take them between other work instead
+    (``benchmarks/simulator_accuracy.py`` takes one before each round of its measured runs), so that the
+    calibration spans the same spell of a machine whose speed drifts.
+    """
+
+    def __init__(self, shape: ModelShape, grid: str = "full", repeats: int = 3) -> None:
+        batches, positions, prompts, (moved, move_len) = GRIDS[grid]
+        config = self.config = shape.config
+        if max(positions) + 1 > config.n_ctx or max(prompts) > config.n_ctx or move_len > config.n_ctx:
+            raise ValueError(f"calibration positions up to {max(positions)} need a context of more than {config.n_ctx}")
+        self.calibration = Calibration(shape, threads=numba.get_num_threads(), load=(os.getloadavg()[0], 0.0),
+                                       started=datetime.datetime.now().isoformat(timespec="minutes"))  # fmt: skip
+        self.repeats, self.move = repeats, ("move", moved, move_len)
+        weights = init_weights(config, seed=0)
+        backend = NumpyBackend(config, weights, max(max(batches), 2 * moved))
+        self.points = step_points(backend, batches, positions, prompts)
+        src, dst = np.arange(moved), np.arange(moved, 2 * moved)
+        self.points[self.move] = lambda: backend.move(src, dst, np.full(moved, move_len))
+        self.one: dict = {}  # one-thread points, timed alone and beside busy neighbour processes
+        if times_one_thread(config):
+            one = NumpyBackend(config, weights, max(ONE_THREAD_GRIDS[grid][0]), threads=1)
+            self.one = step_points(one, *ONE_THREAD_GRIDS[grid])
+        self.times: dict = {}
+        self.alone: dict = {}
+        self.beside: dict = {}
+
+    def round(self, progress: Callable[[], None] | None = None) -> None:
+        time_round(self.points, self.times, self.repeats, progress)
+        if self.one:
+            time_round(self.one, self.alone, self.repeats, progress)
+            with NeighbourProcesses(self.config, self.calibration.threads - 1):
+                time_round(self.one, self.beside, self.repeats, progress)
+
+    def result(self) -> Calibration:
+        """The calibration from the rounds taken so far."""
+        c, config, best = self.calibration, self.config, medians(self.times)
+        c.measured = measured_steps(best)
+        c.one_thread_alone, c.one_thread = measured_steps(medians(self.alone)), measured_steps(medians(self.beside))
+        moved, move_len = self.move[1:]
+        move_bytes = moved * move_len * 2 * config.n_layer * config.n_embd * 4  # K and V of every layer, fp32
+        c.copy_bandwidth = 2 * move_bytes / best[self.move]
+        c.lane_overhead_s = lane_overhead_s(config.vocab_size)
+        c.load = (c.load[0], os.getloadavg()[0])
+        return c
+
+
 def measure(shape: ModelShape, grid: str = "full", rounds: int = 3, repeats: int = 3,
             progress: Callable[[], None] | None = None) -> Calibration:  # fmt: skip
     """Time the NumPy backend (batch-invariant kernels, random weights) on this machine."""
-    batches, positions, prompts, (moved, move_len) = GRIDS[grid]
-    config = shape.config
-    if max(positions) + 1 > config.n_ctx or max(prompts) > config.n_ctx or move_len > config.n_ctx:
-        raise ValueError(f"calibration positions up to {max(positions)} need a context of more than {config.n_ctx}")
-    calibration = Calibration(shape, threads=numba.get_num_threads(), load=(os.getloadavg()[0], 0.0),
-                              started=datetime.datetime.now().isoformat(timespec="minutes"))  # fmt: skip
-    weights = init_weights(config, seed=0)
-    backend = NumpyBackend(config, weights, max(max(batches), 2 * moved))
-    points = step_points(backend, batches, positions, prompts)
-    src, dst = np.arange(moved), np.arange(moved, 2 * moved)
-    points[("move", moved, move_len)] = lambda: backend.move(src, dst, np.full(moved, move_len))
-    best = median_s(points, rounds, repeats, progress)
-    calibration.measured = measured_steps(best)
-    if times_one_thread(config):
-        one = step_points(NumpyBackend(config, weights, max(ONE_THREAD_GRIDS[grid][0]), threads=1),
-                          *ONE_THREAD_GRIDS[grid])  # fmt: skip
-        calibration.one_thread_alone = measured_steps(median_s(one, rounds, repeats, progress))
-        with NeighbourProcesses(config, calibration.threads - 1):
-            calibration.one_thread = measured_steps(median_s(one, rounds, repeats, progress))
-    move_bytes = moved * move_len * 2 * config.n_layer * config.n_embd * 4  # K and V of every layer, fp32
-    calibration.copy_bandwidth = 2 * move_bytes / best[("move", moved, move_len)]
-    calibration.lane_overhead_s = lane_overhead_s(config.vocab_size)
-    calibration.load = (calibration.load[0], os.getloadavg()[0])
-    return calibration
+    measurement = Measurement(shape, grid, repeats)
+    for _ in range(rounds):
+        measurement.round(progress)
+    return measurement.result()
 
 
 def memory_gb() -> float:
@@ -246,6 +277,11 @@ def measurement_rows(measured: list[Measured], fit: CpuFit) -> list[dict]:
 
 def calibrate(shape: ModelShape, grid: str = "full", rounds: int = 3, progress=None) -> tuple[Calibration, Fits]:
     """Measure, then fit every setting measured."""
-    c = measure(shape, grid, rounds, progress=progress)
+    return fit_all(measure(shape, grid, rounds, progress=progress))
+
+
+def fit_all(c: Calibration) -> tuple[Calibration, Fits]:
+    """Fit every setting measured."""
+    shape = c.shape
     one, alone = (fit_cpu(shape, m) if m else None for m in (c.one_thread, c.one_thread_alone))
     return c, Fits(fit_cpu(shape, c.measured), one, alone)
