@@ -25,6 +25,8 @@ from flover.sim.clock import CostClock, Pricing
 from flover.sim.cost import CostModel
 from reference.backend import Backend
 
+BusyPricing = Callable[[int], tuple[CostModel, float]]  # busy instances -> (the cost model, the share)
+
 
 class Instance:
     """One model copy: a serial engine on its own clock, and the requests routed to it that it has not seen."""
@@ -61,12 +63,12 @@ class Instance:
             self.clock.wait_until(self.inbox[0].arrival_s)
 
 
-def time_shared(cost: CostModel) -> Callable[[int], tuple[CostModel, float]]:
+def time_shared(cost: CostModel) -> BusyPricing:
     """A GPU's pricing: with ``busy`` instances running, each one's memory and math take ``busy`` times as long."""
     return lambda busy: (cost, float(max(1, busy)))
 
 
-def simulate_shared(backends: Sequence[Backend], pricing: Callable[[int], tuple[CostModel, float]],
+def simulate_shared(backends: Sequence[Backend], pricing: BusyPricing,
                     requests: Sequence[Request], keep_logits: bool = False) -> tuple[list[RequestResult], EngineStats]:
     """Serve ``requests`` on one instance per backend, all on one device.
 

@@ -8,7 +8,7 @@ and (``check_fits``) weights and KV memory beyond the device's memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from flover.engine import Request
@@ -18,7 +18,7 @@ from flover.sim.backend import ModelFreeFactory
 from flover.sim.clock import CostClock
 from flover.sim.cost import CostModel
 from flover.sim.device import Device
-from flover.sim.instances import simulate_shared, time_shared
+from flover.sim.instances import BusyPricing, simulate_shared, time_shared
 from flover.sim.shapes import DTYPE_BYTES, ModelShape
 from reference.kv import BYTES_PER_VALUE
 
@@ -60,7 +60,7 @@ class Plan:
     def cost(self) -> CostModel:
         return CostModel(self.device, self.shape, self.tp, self.nodes, self.dtype)
 
-    def instance_pricing(self, n: int) -> Callable[[int], tuple[CostModel, float]]:
+    def instance_pricing(self, n: int) -> BusyPricing:
         """``busy`` -> the cost model and share a step of one of ``n`` concurrent instances runs at while ``busy``
         of them run (``simulate_shared``).
 
