@@ -12,7 +12,7 @@ from flover.engine import Engine, FusedScheduler, PagedLayout, Request, Schedule
 from flover.runner import PolicyConfig, run_policy
 from flover.testing import check_scheduler, serial_outputs, traces
 from reference import NumpyBackend
-from tests.conftest import SMALL
+from tests.conftest import SMALL, assert_first_free
 
 
 class RecordingBackend(NumpyBackend):
@@ -173,6 +173,17 @@ def test_instances_are_processes_with_their_own_model_and_return_serial_tokens(s
     assert {r.id: r.tokens for r in run.results} == serial_outputs(make_backend, trace)
     assert {r.instance for r in run.results} == {0, 1}, "the router used both instances"
     assert run.metrics["decode_steps"] > 0
+    assert_first_free(run.results, slack_s=0.5)
+
+
+def test_the_first_instance_free_takes_the_next_waiting_request(small_model):
+    """A long request holds instance 0; the short ones behind it all go to instance 1 as it frees, in turn."""
+    trace = [Request(0, 0.0, (1, 2, 3), SMALL.n_ctx - 3)] + [Request(i, 0.0, (1, 2, 3), 2) for i in range(1, 4)]
+    run = run_policy(PolicyConfig("instances", instances=2), BackendFactory("numpy", *small_model), trace,
+                     clock=WallClock())  # fmt: skip
+    by_id = {r.id: r for r in run.results}
+    assert [by_id[i].instance for i in range(4)] == [0, 1, 1, 1]
+    assert by_id[1].finish_s <= by_id[2].admitted_s and by_id[2].finish_s <= by_id[3].admitted_s
 
 
 def test_a_memory_check_names_the_figures_the_limit_and_the_flag():

@@ -12,7 +12,7 @@ from flover.engine import DynamicScheduler, FusedScheduler, PagedLayout, SerialS
 from flover.runner import PolicyConfig, run_policy
 from flover.testing import check_scheduler, serial_outputs, traces
 from reference import NumpyBackend
-from tests.conftest import SMALL
+from tests.conftest import SMALL, assert_first_free
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,7 @@ def test_simulated_instances_return_serial_tokens(make_backend, trace, instances
     run = run_policy(PolicyConfig("instances", instances=instances), make_backend, trace, clock=VirtualClock())
     assert sorted(r.id for r in run.results) == sorted(r.id for r in trace), "each request exactly once"
     assert {r.id: r.tokens for r in run.results} == serial_outputs(make_backend, trace)
+    assert_first_free(run.results)
 
 
 NUMBA_CONFIG = SMALL.with_(n_layer=1, n_embd=16, n_head=2, n_ctx=16)  # the CUDA simulator runs a thread per thread

@@ -12,6 +12,7 @@ from flover.sim.run import Plan, simulate
 from flover.sim.shapes import ModelShape
 from flover.trace import poisson_trace
 from reference import GPTConfig, Lane, SamplingParams
+from tests.conftest import assert_first_free
 
 SHAPE = ModelShape("small", GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=97, n_ctx=96))
 PLAN = Plan(load_device("a100-80gb"), SHAPE)
@@ -43,6 +44,9 @@ def test_every_request_once_with_its_own_stream_under_every_policy(pc):
     for result in run.results:
         request = next(r for r in requests if r.id == result.id)
         assert result.tokens == stream(request.prompt_ids, request.max_new_tokens, 97), pc.label
+    if pc.policy == "instances":
+        assert_first_free(run.results)
+        assert {r.instance for r in run.results} == {0, 1, 2} and any(r.admitted_s > r.arrival_s for r in run.results)
     if pc.label.startswith("fused (slots 4)"):
         assert run.stats.moves > 0, "the workload must make the shuffle move slots"
     if pc.kv == "paged":

@@ -323,10 +323,11 @@ for part in (Engine.run, Engine.iterate, prefill_alone, Engine._step):
 #   Members that finish early stay in the batch as padding, and requests
 #   arriving meanwhile wait for the next batch.
 # - **instances**: `instances` copies of the model serve concurrently, each
-#   serially; a request goes to the copy with the fewest outstanding
-#   requests. (On the virtual clock the copies are simulated one after
-#   another; on the wall clock each is a process of its own, with its own
-#   weights and its share of the cores.)
+#   serially; requests wait in one queue, first come first served, and the
+#   first copy free takes the next, as Triton's default scheduler hands
+#   requests to a model's instances. (On the virtual clock each copy runs
+#   on a clock of its own; on the wall clock each is a process of its own,
+#   with its own weights and its share of the cores.)
 # - **fused**: temporal fusion, the engine above, which we already ran.
 #
 # Dynamic batching gets the same KV memory as fusion, 8 slots.
@@ -543,8 +544,8 @@ for _ in range(3):
 # %% [markdown]
 # On the wall clock the instances are real: `run_policy` starts one process
 # per instance, each with its own weights and its share of the cores, and
-# routes each request, as it arrives, to the one with the fewest outstanding
-# requests. Python starts such a process by running the parent's main
+# hands the next waiting request to whichever process finishes first.
+# Python starts such a process by running the parent's main
 # script again in it (the *spawn* start method), so a script that starts
 # processes keeps its top level under `if __name__ == "__main__":`. A
 # lesson cannot, so we serve the instances with the `flover bench` command

@@ -1,10 +1,14 @@
 """Concurrent model instances: N engines, each with its own copy of the model, serving in turn.
 
-Each instance runs the serial scheduler; a router sends each request, as it
-arrives, to the instance with the fewest outstanding requests. On the wall
-clock the instances are processes, each with its own weights and its share
-of the cores, as Triton's instances are separate execution contexts; on a
-virtual clock they are simulated one after another on forked clocks.
+Each instance runs the serial scheduler. Requests wait in one queue, first
+come first served, and the first instance to be free takes the next one, as
+Triton's default scheduler hands requests to the instances of a model's
+instance group: with N instances busy, request N+1 waits for one of them to
+finish. No instance idles while a request waits. On the wall clock the
+instances are processes, each with its own weights and its share of the
+cores, as Triton's instances are separate execution contexts; on a virtual
+clock each runs on a forked clock of its own, as if on a device of its own
+(``flover.sim.instances`` shares one device between them).
 """
 
 from __future__ import annotations
@@ -12,10 +16,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Pipe, wait
-
-import numpy as np
 
 from flover.clock import VirtualClock, WallClock
 from flover.engine.kv_layout import SlotLayout
@@ -37,16 +40,16 @@ Served = tuple[list[RequestResult], EngineStats]
 
 def simulate_instances(backends: Sequence[Backend], requests: Sequence[Request], clock: VirtualClock,
                        keep_logits: bool = False, on_finish: Finish = None) -> Served:  # fmt: skip
-    """The instances on one virtual clock: each request on its instance's own clock, from when it is free."""
-    finishes: list[list[float]] = [[] for _ in backends]  # finish times of each instance's requests
+    """The instances on one virtual clock: each request, in arrival order, on the first instance free, on its own
+    forked clock from when both it and the instance are there."""
+    free_at = [clock.now()] * len(backends)  # when each instance finishes the requests it has taken
     done, stats = [], EngineStats()
     for request in sorted(requests, key=lambda r: r.arrival_s):
-        outstanding = [sum(f > request.arrival_s for f in fs) for fs in finishes]
-        i = int(np.argmin(outstanding))
-        engine = serial_engine(backends[i], clock.fork(max([request.arrival_s, *finishes[i]])), keep_logits)
+        i = min(range(len(backends)), key=lambda i: (max(free_at[i], request.arrival_s), i))
+        engine = serial_engine(backends[i], clock.fork(max(free_at[i], request.arrival_s)), keep_logits)
         (result,) = engine.run([request])
         stats.steps += engine.stats.steps
-        finishes[i].append(result.finish_s)
+        free_at[i] = result.finish_s
         done.append(_on_instance(result, i))
     done.sort(key=lambda r: r.finish_s)
     for r in done if on_finish else ():
@@ -106,14 +109,22 @@ class InstanceProcesses:
 
     def run(self, requests: Sequence[Request], clock: WallClock,
             on_finish: Finish = None) -> Served:  # fmt: skip
-        outstanding = [0] * len(self.processes)
+        queue: deque[Request] = deque()  # arrived, waiting for an instance
+        busy = [False] * len(self.processes)
         done, stats = [], EngineStats()
+
+        def dispatch() -> None:
+            while queue and not all(busy):
+                i = busy.index(False)
+                busy[i] = True
+                self.conns[i].send((queue.popleft(), clock.start))
 
         def receive(timeout: float | None) -> bool:
             kind, i, body = self._next(timeout)
             if kind == "done":
                 result, steps = body
-                outstanding[i] -= 1
+                busy[i] = False
+                dispatch()  # the next waiting request, before anything else
                 stats.steps.extend(steps)
                 done.append(_on_instance(result, i))
                 if on_finish:
@@ -122,12 +133,9 @@ class InstanceProcesses:
 
         for request in sorted(requests, key=lambda r: r.arrival_s):
             while (wait_s := request.arrival_s - clock.now()) > 0:
-                receive(timeout=min(wait_s, 0.05))  # results keep the router's counts current while it waits
-            while receive(timeout=0):
-                pass
-            i = int(np.argmin(outstanding))
-            outstanding[i] += 1
-            self.conns[i].send((request, clock.start))
+                receive(timeout=wait_s)  # an instance that finishes meanwhile takes the next waiting request
+            queue.append(request)
+            dispatch()
         while len(done) < len(requests):
             receive(timeout=None)
         return done, stats

@@ -11,12 +11,13 @@ priced by the device's figures at that many threads: alone while the
 others wait, beside busy neighbours (which share its caches and memory)
 while they run, and slowed further when the busy ones want more threads than
 there are cores (``Plan.instance_pricing``). As in
-``flover.engine.instances``, a request goes, when it arrives, to the
-instance with the fewest outstanding requests.
+``flover.engine.instances``, requests wait in one queue, first come first
+served, and the first instance free takes the next.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -29,13 +30,12 @@ BusyPricing = Callable[[int], tuple[CostModel, float]]  # busy instances -> (the
 
 
 class Instance:
-    """One model copy: a serial engine on its own clock, and the requests routed to it that it has not seen."""
+    """One model copy: a serial engine on its own clock, and the request handed to it that it has not started."""
 
     def __init__(self, backend: Backend, pricing: Pricing, keep_logits: bool) -> None:
         self.clock = CostClock(pricing(0.0)[0], pricing=pricing)
         self.engine = Engine(backend, SerialScheduler(), SlotLayout(backend.config, 1), self.clock, keep_logits)
         self.inbox: deque[Request] = deque()
-        self.routed = 0
         self.stepped_until = 0.0  # the end of its latest step
 
     def busy_at(self, t: float) -> bool:
@@ -47,9 +47,6 @@ class Instance:
 
     def has_work(self) -> bool:
         return bool(self.engine.running or self.engine.waiting or self.inbox)
-
-    def outstanding(self, t: float) -> int:
-        return self.routed - sum(r.finish_s <= t for r in self.engine.done)
 
     def advance(self) -> None:
         """One iteration of its loop at its own time, or a wait for its next request."""
@@ -81,16 +78,21 @@ def simulate_shared(backends: Sequence[Backend], pricing: BusyPricing,
 
     instances.extend(Instance(b, now_priced, keep_logits) for b in backends)
     pending = deque(sorted(requests, key=lambda r: r.arrival_s))
-    while pending or any(i.has_work() for i in instances):
+    queue: deque[Request] = deque()  # arrived, waiting for an instance
+    # events in time order: an arrival, then an instance free taking the queue's head, then a step
+    while pending or queue or any(i.has_work() for i in instances):
         working = [i for i in instances if i.has_work()]
         first = min(working, key=lambda i: i.clock.now(), default=None)
-        if pending and (first is None or pending[0].arrival_s <= first.clock.now()):
-            request = pending.popleft()  # every instance with work is at or past its arrival: counts are exact
-            target = min(instances, key=lambda i: i.outstanding(request.arrival_s))
-            if not target.has_work():
-                target.clock.wait_until(request.arrival_s)
-            target.inbox.append(request)
-            target.routed += 1
+        stepping = first.clock.now() if first else math.inf
+        idle = [i for i in instances if not i.has_work()] if queue else []
+        # the first free for the queue's head (the lowest index of those free at once)
+        free = min(idle, key=lambda i: (max(i.clock.now(), queue[0].arrival_s), instances.index(i)), default=None)
+        freeing = max(free.clock.now(), queue[0].arrival_s) if free else math.inf
+        if pending and pending[0].arrival_s <= min(freeing, stepping):
+            queue.append(pending.popleft())
+        elif freeing <= stepping:
+            free.clock.wait_until(freeing)
+            free.inbox.append(queue.popleft())
         else:
             first.advance()
     done, stats = [], EngineStats()
