@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numba
+import numpy as np
 import pytest
 
 from flover.cli import main
@@ -118,6 +119,24 @@ def test_calibrate_on_several_cores_also_fits_one_thread_for_instances(tmp_path,
     status, out, _ = run(capsys, "simulate", "--device", tmp_path / "cpu.json", "--model", "tiny", *TRACE,
                          "--policy", "instances", "--quiet")  # fmt: skip
     assert status == 0 and "instances (2)" in out
+
+
+def test_a_calibration_can_be_taken_from_some_of_its_rounds():
+    """Rounds taken between a benchmark's runs: a run is priced by the rounds either side of it."""
+    from flover.sim.calibration import Measurement
+    from flover.sim.shapes import model_shape
+
+    measurement = Measurement(model_shape("tiny"), "quick", repeats=2)
+    for _ in range(3):
+        measurement.round()
+    calls = next(iter(measurement.times.values()))  # the first point's, a decode step: the first measured
+    assert len(calls) == 3 * 2
+    for rounds in (range(0, 1), range(1, 3), range(0, 3)):
+        first = measurement.result(rounds).measured[0]
+        assert first.seconds == float(np.median(calls[2 * rounds.start : 2 * rounds.stop]))
+    assert measurement.result().measured == measurement.result(range(0, 3)).measured
+    with pytest.raises(ValueError, match=r"rounds range\(2, 4\) of the 3 taken"):
+        measurement.result(range(2, 4))
 
 
 def test_paper_experiments_quick_run(tmp_path):

@@ -14,6 +14,7 @@ each, and when, where and how they were taken.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -151,6 +152,7 @@ class Measurement:
         self.times: dict = {}
         self.alone: dict = {}
         self.beside: dict = {}
+        self.rounds = 0
 
     def round(self, progress: Callable[[], None] | None = None) -> None:
         time_round(self.points, self.times, self.repeats, progress)
@@ -158,12 +160,22 @@ class Measurement:
             time_round(self.one, self.alone, self.repeats, progress)
             with NeighbourProcesses(self.config, self.calibration.threads - 1):
                 time_round(self.one, self.beside, self.repeats, progress)
+        self.rounds += 1
 
-    def result(self) -> Calibration:
-        """The calibration from the rounds taken so far."""
-        c, config, best = self.calibration, self.config, medians(self.times)
-        c.measured = measured_steps(best)
-        c.one_thread_alone, c.one_thread = measured_steps(medians(self.alone)), measured_steps(medians(self.beside))
+    def result(self, rounds: range | None = None) -> Calibration:
+        """The calibration from the rounds taken so far, or from those of ``rounds`` only (e.g. the two either
+        side of a benchmark's run, to price it at the machine's speed of that spell)."""
+        rounds = range(self.rounds) if rounds is None else rounds
+        if not rounds or rounds.start < 0 or rounds.stop > self.rounds:
+            raise ValueError(f"rounds {rounds} of the {self.rounds} taken")
+
+        def taken(times: dict) -> dict:  # each round adds ``repeats`` calls of every point
+            return {key: t[rounds.start * self.repeats : rounds.stop * self.repeats] for key, t in times.items()}
+
+        config, best = self.config, medians(taken(self.times))
+        c = dataclasses.replace(self.calibration, measured=measured_steps(best),
+                                one_thread_alone=measured_steps(medians(taken(self.alone))),
+                                one_thread=measured_steps(medians(taken(self.beside))))  # fmt: skip
         moved, move_len = self.move[1:]
         move_bytes = moved * move_len * 2 * config.n_layer * config.n_embd * 4  # K and V of every layer, fp32
         c.copy_bandwidth = 2 * move_bytes / best[self.move]
