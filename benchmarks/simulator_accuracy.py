@@ -43,7 +43,7 @@ P.add_argument("--requests", type=int, default=24, help="requests per trace")
 P.add_argument("--prompt-len", default="8:32")
 P.add_argument("--output-len", default="16:64")
 P.add_argument("--seed", type=int, default=101, help="the first trace's seed; the others follow")
-P.add_argument("--repeats", type=int, default=3,
+P.add_argument("--repeats", type=int, default=5,
                help="measured runs per policy and trace; each figure's median is compared, and its spread reported")
 P.add_argument("--device", help="a device file to use instead of calibrating now (e.g. flover/sim/devices/cpu.json)")
 P.add_argument("--save-device", help="also write the fresh calibration to this device file")
