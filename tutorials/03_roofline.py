@@ -261,12 +261,15 @@ cpu_ridge = cpu_peak / cpu_bandwidth
 print(f"this CPU, {THREADS} thread(s): {cpu_peak / 1e9:.1f} GFLOP/s, {cpu_bandwidth / 1e9:.1f} GB/s "
       f"-> ridge point at {cpu_ridge:.1f} FLOPs per byte")  # fmt: skip
 fp32_intensity = {b: np.divide(*decode_counts(gpt2, b, 48, 4)[::-1]) for b in BATCHES}
-assert h100_ridge > 50 * cpu_ridge and fp32_intensity[16] > cpu_ridge
+past = [b for b in BATCHES if fp32_intensity[b] > cpu_ridge]
+print(f"fp32 decode steps right of this CPU's ridge: batch {', '.join(map(str, past)) if past else 'none up to 32'}")
+assert h100_ridge > 10 * cpu_ridge
 
 # %% [markdown]
-# The CPU's ridge lies at a few FLOPs per byte, over a hundred times lower
-# than the H100's: its arithmetic is slow next to its memory. A decode step
-# of more than a few requests is right of it, compute-bound.
+# The CPU's ridge lies at a few FLOPs per byte, tens of times lower than
+# the H100's: its arithmetic is slow next to its memory. A decode step of
+# a few tens of requests reaches it (the line above says which batches on
+# this machine), where a GPU's step stays far left, memory-bound.
 #
 # ## Timing decode steps on this CPU
 #
@@ -383,13 +386,13 @@ print(f"{'batch':>5s} {'CPU tokens/s':>13s} {'gain':>6s} {'H100 tokens/s (sim.)'
 for b in BATCHES:
     print(f"{b:5d} {b / cpu_s[b]:13.0f} {b / cpu_ratio[b]:5.1f}x {b / h100_s[b]:21.0f} {b / h100_ratio[b]:5.1f}x")
 assert 32 / h100_ratio[32] > 0.8 * 32, "on the H100 fusing 32 requests multiplies throughput nearly 32 times"
-assert 32 / cpu_ratio[32] < 8, "on this CPU a few times at most"
+assert 32 / cpu_ratio[32] < 0.5 * 32 / h100_ratio[32], "on this CPU well under half of that"
 
 # %% [markdown]
 # So temporal fusion, which puts every request in flight into one decode
 # step (lesson 4), can multiply a GPU's decode throughput by about the
-# number of requests it fuses, while on this CPU it gains a few times at
-# most.
+# number of requests it fuses, while on this CPU it gains well under half
+# as much: how much depends on the CPU (the table says, for this one).
 #
 # Prefill is another matter: a prompt of P tokens is P rows in one step
 # (`StepShape.prefill(P)`), which share one read of the weights as a batch
