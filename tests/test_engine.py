@@ -11,7 +11,7 @@ from flover.clock import VirtualClock, WallClock
 from flover.engine import Engine, FusedScheduler, PagedLayout, Request, Scheduler, SerialScheduler, SlotLayout
 from flover.runner import PolicyConfig, run_policy
 from flover.testing import check_scheduler, serial_outputs, traces
-from reference import NumpyBackend
+from reference import NumpyBackend, init_weights
 from tests.conftest import SMALL, assert_first_free
 
 
@@ -176,11 +176,12 @@ def test_instances_are_processes_with_their_own_model_and_return_serial_tokens(s
     assert_first_free(run.results, slack_s=0.5)
 
 
-def test_the_first_instance_free_takes_the_next_waiting_request(small_model):
+def test_the_first_instance_free_takes_the_next_waiting_request():
     """A long request holds instance 0; the short ones behind it all go to instance 1 as it frees, in turn."""
-    trace = [Request(0, 0.0, (1, 2, 3), SMALL.n_ctx - 3)] + [Request(i, 0.0, (1, 2, 3), 2) for i in range(1, 4)]
-    run = run_policy(PolicyConfig("instances", instances=2), BackendFactory("numpy", *small_model), trace,
-                     clock=WallClock())  # fmt: skip
+    config = SMALL.with_(n_ctx=1024)  # a long request: about 100 times the three short ones, on a busy machine too
+    trace = [Request(0, 0.0, (1, 2, 3), config.n_ctx - 3)] + [Request(i, 0.0, (1, 2, 3), 2) for i in range(1, 4)]
+    run = run_policy(PolicyConfig("instances", instances=2), BackendFactory("numpy", config, init_weights(config, 1)),
+                     trace, clock=WallClock())  # fmt: skip
     by_id = {r.id: r for r in run.results}
     assert [by_id[i].instance for i in range(4)] == [0, 1, 1, 1]
     assert by_id[1].finish_s <= by_id[2].admitted_s and by_id[2].finish_s <= by_id[3].admitted_s
