@@ -49,15 +49,11 @@ class Instance:
         return bool(self.engine.running or self.engine.waiting or self.inbox)
 
     def advance(self) -> None:
-        """One iteration of its loop at its own time, or a wait for its next request."""
+        """One iteration of its loop at its own time (a request is handed to it once both are there)."""
         now = self.clock.now()
-        arrived = []
-        while self.inbox and self.inbox[0].arrival_s <= now:
-            arrived.append(self.inbox.popleft())
+        arrived = [self.inbox.popleft() for _ in range(len(self.inbox))]
         if self.engine.iterate(arrived, now):
             self.stepped_until = self.clock.now()
-        elif self.inbox:
-            self.clock.wait_until(self.inbox[0].arrival_s)
 
 
 def time_shared(cost: CostModel) -> BusyPricing:
@@ -84,10 +80,10 @@ def simulate_shared(backends: Sequence[Backend], pricing: BusyPricing,
         working = [i for i in instances if i.has_work()]
         first = min(working, key=lambda i: i.clock.now(), default=None)
         stepping = first.clock.now() if first else math.inf
-        idle = [i for i in instances if not i.has_work()] if queue else []
-        # the first free for the queue's head (the lowest index of those free at once)
-        free = min(idle, key=lambda i: (max(i.clock.now(), queue[0].arrival_s), instances.index(i)), default=None)
-        freeing = max(free.clock.now(), queue[0].arrival_s) if free else math.inf
+        # the first instance free for the queue's head, the lowest index of those free at once
+        idle = [(max(i.clock.now(), queue[0].arrival_s), n, i) for n, i in enumerate(instances)
+                if queue and not i.has_work()]  # fmt: skip
+        freeing, _, free = min(idle, default=(math.inf, 0, None))
         if pending and pending[0].arrival_s <= min(freeing, stepping):
             queue.append(pending.popleft())
         elif freeing <= stepping:
